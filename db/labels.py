@@ -1,0 +1,191 @@
+"""Label changes: confirm, relabel, exclude and undo, each with an audit row.
+
+Every change is a conditional update on the photo's version, so two reviewers
+acting on the same photo cannot overwrite each other silently: the second one
+gets `StaleLabelError` carrying the label that is there now.
+"""
+
+import logging
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import (
+    CONFIRMED,
+    EXCLUDED,
+    HOLDOUT,
+    RELABELLED,
+    UNREVIEWED,
+    LabelEvent,
+    Photo,
+)
+
+logger = logging.getLogger(__name__)
+
+ACTIONS = ("confirm", "relabel", "exclude", "restore")
+
+
+class StaleLabelError(Exception):
+    """The photo changed since the caller read it."""
+
+    def __init__(self, photo: Photo):
+        self.photo_id = photo.id
+        self.label = photo.label
+        self.status = photo.status
+        self.version = photo.version
+        super().__init__(
+            f"photo {photo.id} was changed by someone else: it is now "
+            f"{photo.label!r} ({photo.status}); reload and try again"
+        )
+
+
+def class_names(session: Session) -> list[str]:
+    """Every class known to the database: folder names and labels given since."""
+    originals = session.scalars(select(Photo.original_label).distinct()).all()
+    current = session.scalars(select(Photo.label).distinct()).all()
+    return sorted(set(originals) | set(current))
+
+
+def _new_state(photo: Photo, action: str, new_label: str | None) -> tuple[str, str]:
+    if action == "confirm":
+        return photo.label, CONFIRMED
+    if action == "exclude":
+        return photo.label, EXCLUDED
+    if action == "restore":
+        status = RELABELLED if photo.label != photo.original_label else UNREVIEWED
+        return photo.label, status
+    if action == "relabel":
+        if not new_label:
+            raise ValueError("relabel needs a new label")
+        status = RELABELLED if new_label != photo.original_label else CONFIRMED
+        return new_label, status
+    raise ValueError(f"unknown action {action!r}; expected one of {ACTIONS}")
+
+
+def _write(
+    session: Session,
+    photo: Photo,
+    label: str,
+    status: str,
+    expected_version: int,
+    source: str,
+    undoes_id: int | None = None,
+) -> LabelEvent:
+    old_label, old_status = photo.label, photo.status
+    result = session.execute(
+        update(Photo)
+        .where(Photo.id == photo.id, Photo.version == expected_version)
+        .values(label=label, status=status, version=Photo.version + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        session.refresh(photo)
+        raise StaleLabelError(photo)
+    event = LabelEvent(
+        photo_id=photo.id,
+        old_label=old_label,
+        new_label=label,
+        old_status=old_status,
+        new_status=status,
+        source=source,
+        undoes_id=undoes_id,
+    )
+    session.add(event)
+    session.flush()
+    session.refresh(photo)
+    return event
+
+
+def apply_action(
+    session: Session,
+    photo_id: int,
+    action: str,
+    *,
+    new_label: str | None = None,
+    expected_version: int | None = None,
+    source: str = "review",
+) -> LabelEvent:
+    """Apply one review action to one photo and record it.
+
+    Args:
+        photo_id: the photo to change.
+        action: one of `ACTIONS`.
+        new_label: the class to give, for `relabel`.
+        expected_version: the version the caller saw; `None` means "current".
+        source: who made the change (`review`, `cli`, `undo`, ...).
+
+    Raises:
+        LookupError: no such photo.
+        ValueError: a holdout photo, an unknown action or an unknown class.
+        StaleLabelError: the photo changed since `expected_version`.
+    """
+    photo = session.get(Photo, photo_id)
+    if photo is None:
+        raise LookupError(f"no photo with id {photo_id}")
+    if photo.split == HOLDOUT:
+        raise ValueError(
+            f"photo {photo_id} ({photo.path}) is in the frozen holdout and "
+            "cannot be relabelled"
+        )
+    if action == "relabel" and new_label not in class_names(session):
+        raise ValueError(
+            f"unknown class {new_label!r}; expected one of {class_names(session)}"
+        )
+    label, status = _new_state(photo, action, new_label)
+    version = photo.version if expected_version is None else expected_version
+    event = _write(session, photo, label, status, version, source)
+    logger.info("photo %s: %s -> %s (%s)", photo_id, event.old_label, label, status)
+    return event
+
+
+def undo_event(session: Session, event_id: int, source: str = "undo") -> LabelEvent:
+    """Put the photo back to how it was before `event_id`, as a new event.
+
+    Raises:
+        LookupError: no such event.
+        StaleLabelError: the photo was changed again after that event, so
+            undoing it would silently drop the later change.
+    """
+    event = session.get(LabelEvent, event_id)
+    if event is None:
+        raise LookupError(f"no label event with id {event_id}")
+    photo = event.photo
+    if (photo.label, photo.status) != (event.new_label, event.new_status):
+        raise StaleLabelError(photo)
+    return _write(
+        session,
+        photo,
+        event.old_label,
+        event.old_status,
+        photo.version,
+        source,
+        undoes_id=event.id,
+    )
+
+
+def last_event(session: Session, source: str | None = None) -> LabelEvent | None:
+    """The newest event that has not been undone, optionally from one source."""
+    undone = select(LabelEvent.undoes_id).where(LabelEvent.undoes_id.is_not(None))
+    query = (
+        select(LabelEvent)
+        .where(LabelEvent.id.not_in(undone), LabelEvent.undoes_id.is_(None))
+        .order_by(LabelEvent.id.desc())
+        .limit(1)
+    )
+    if source is not None:
+        query = query.where(LabelEvent.source == source)
+    return session.scalars(query).first()
+
+
+__all__ = [
+    "ACTIONS",
+    "CONFIRMED",
+    "EXCLUDED",
+    "RELABELLED",
+    "UNREVIEWED",
+    "StaleLabelError",
+    "apply_action",
+    "class_names",
+    "last_event",
+    "undo_event",
+]

@@ -1,0 +1,176 @@
+"""ORM models: photos and their labels, the audit trail, runs, exports, jobs.
+
+Labels are plain strings (the class-folder names), so any number of classes
+works without a schema change.
+"""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Splits a photo can belong to.
+POOL = "pool"  # the labelling pool, offered for review and used for training
+HOLDOUT = "holdout"  # frozen test photos, never offered for relabelling
+SPLITS = (POOL, HOLDOUT)
+
+# Review states of a photo.
+UNREVIEWED = "unreviewed"
+CONFIRMED = "confirmed"
+RELABELLED = "relabelled"
+EXCLUDED = "excluded"
+STATUSES = (UNREVIEWED, CONFIRMED, RELABELLED, EXCLUDED)
+
+# Job states.
+QUEUED = "queued"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+CANCELLED = "cancelled"
+JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Photo(Base):
+    """One image file, identified by the SHA-256 of its bytes."""
+
+    __tablename__ = "photos"
+    __table_args__ = (Index("ix_photos_split_status", "split", "status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(unique=True)
+    width: Mapped[int]
+    height: Mapped[int]
+    split: Mapped[str] = mapped_column(String(16))
+    original_label: Mapped[str]
+    label: Mapped[str]
+    status: Mapped[str] = mapped_column(String(16), default=UNREVIEWED)
+    # Bumped on every change; a relabel only applies to the version it saw.
+    version: Mapped[int] = mapped_column(default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    events: Mapped[list["LabelEvent"]] = relationship(back_populates="photo")
+
+
+class SkippedFile(Base):
+    """A file found under the data folder that could not be used, and why."""
+
+    __tablename__ = "skipped_files"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(unique=True)
+    reason: Mapped[str]
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class LabelEvent(Base):
+    """One change to a photo's label or status: the audit trail."""
+
+    __tablename__ = "label_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    photo_id: Mapped[int] = mapped_column(ForeignKey("photos.id"), index=True)
+    old_label: Mapped[str]
+    new_label: Mapped[str]
+    old_status: Mapped[str] = mapped_column(String(16))
+    new_status: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(32))
+    # Set when this event reverses an earlier one.
+    undoes_id: Mapped[int | None] = mapped_column(ForeignKey("label_events.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    photo: Mapped[Photo] = relationship(back_populates="events")
+
+
+class TrainingRun(Base):
+    """A fine-tune on the labels as they were when it started."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default=RUNNING)
+    config: Mapped[dict[str, Any]]
+    classes: Mapped[list[Any]]
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    artifact_path: Mapped[str | None]
+    device: Mapped[str | None]
+    n_train: Mapped[int] = mapped_column(default=0)
+    train_seconds: Mapped[float | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    predictions: Mapped[list["Prediction"]] = relationship(
+        back_populates="run", cascade="all, delete-orphan"
+    )
+
+
+class Prediction(Base):
+    """A run's prediction for one photo.
+
+    Pool photos are scored out-of-fold (`kind="oof"`): by a model that did not
+    see the photo. Holdout photos are scored by the trained model itself.
+    """
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("run_id", "photo_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id"), index=True)
+    photo_id: Mapped[int] = mapped_column(ForeignKey("photos.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    probs: Mapped[list[Any]]
+    given_label: Mapped[str]
+    predicted_label: Mapped[str]
+    confidence: Mapped[float]
+    # Higher means more likely mislabelled: 1 - p(given label).
+    score: Mapped[float]
+    reason: Mapped[str] = mapped_column(default="")
+
+    run: Mapped[TrainingRun] = relationship(back_populates="predictions")
+    photo: Mapped[Photo] = relationship()
+
+
+class Export(Base):
+    """A model file written from a run, with the checks it passed."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id"), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str]
+    sidecar_path: Mapped[str | None]
+    size_bytes: Mapped[int]
+    checks: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    """A background task (train, export) and how far it has got."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    progress: Mapped[float] = mapped_column(default=0.0)
+    message: Mapped[str] = mapped_column(default="")
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    pid: Mapped[int | None]
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
+    export_id: Mapped[int | None] = mapped_column(ForeignKey("exports.id"))
+    heartbeat: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

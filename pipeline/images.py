@@ -1,0 +1,145 @@
+"""Reading photos and turning them into model input, one rule for everything.
+
+Training, scoring, the dashboard and the exported model's sidecar all use the
+functions here, so the preprocessing cannot drift between them:
+
+1. decode the file with Pillow, refusing decompression bombs;
+2. apply the EXIF orientation tag;
+3. convert to 8-bit RGB (`to_rgb`: alpha is composited on white, 16-bit
+   greyscale is scaled down, CMYK and palette images are converted);
+4. resize so the shorter side is `size` pixels (bilinear, antialiased);
+5. crop the centre `size` x `size` square;
+6. scale to [-1, 1] as `(x / 255 - 0.5) / 0.5`, channels RGB, layout NCHW.
+"""
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SIZE = 224
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+RESAMPLE = Image.Resampling.BILINEAR
+
+
+class BadImageError(ValueError):
+    """A file that cannot be used as a photo; the message says why."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB by one fixed rule.
+
+    Transparent pixels become white; 16- and 32-bit greyscale is scaled to
+    0-255 by its full range (not clipped); everything else uses Pillow's own
+    conversion.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(array.max(), 1.0)
+        if image.mode == "I" and array.max() <= 65535:
+            top = 65535.0 if array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode `path` fully, upright and as RGB.
+
+    Raises:
+        BadImageError: empty, not an image, truncated, or too large to decode
+            safely; the message names the file and the reason.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(f"{path}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; treat the
+            # warning as the error it is here, without lifting the limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                return to_rgb(upright).copy()
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BadImageError(f"{path}: too many pixels to decode safely ({error})")
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadImageError(f"{path}: cannot decode image ({error})") from None
+
+
+def resize_short(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    """Resize so the shorter side is `size` pixels, keeping the aspect ratio."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    return image.resize(new_size, RESAMPLE, reducing_gap=None)
+
+
+def center_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    width, height = image.size
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """An RGB image of side `size` as a normalised float32 array (3, H, W)."""
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    array = (array - np.array(MEAN, dtype=np.float32)) / np.array(
+        STD, dtype=np.float32
+    )
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def preprocess(image: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """An upright RGB image as model input: (3, size, size) float32 in [-1, 1]."""
+    return to_array(center_crop(resize_short(image, size), size))
+
+
+def preprocess_file(path: str | Path, size: int = IMAGE_SIZE) -> np.ndarray:
+    return preprocess(load_rgb(path), size)
+
+
+def preprocessing_spec(size: int = IMAGE_SIZE) -> dict:
+    """The preprocessing above, stated for a reader outside this project."""
+    return {
+        "decode": "any format Pillow reads; refuse images over Pillow's "
+        "default decompression-bomb limit",
+        "exif_orientation": "apply the EXIF Orientation tag before anything else",
+        "color": "convert to 8-bit RGB; composite transparency on white "
+        "(255, 255, 255); scale 16-bit greyscale by 255/65535",
+        "resize": {
+            "rule": "shorter side to size, keep aspect ratio, round other side",
+            "size": size,
+            "interpolation": "bilinear, antialiased (Pillow Image.BILINEAR)",
+        },
+        "crop": {"rule": "centre", "width": size, "height": size,
+                 "offset": "left = (width - size) // 2, top = (height - size) // 2"},
+        "scale": {"formula": "(pixel / 255 - mean) / std", "mean": list(MEAN),
+                  "std": list(STD)},
+        "channel_order": "RGB",
+        "layout": "NCHW float32, batch size 1",
+    }

@@ -1,0 +1,332 @@
+"""Fine-tune EfficientNet-Lite0 with fastai on the current labels.
+
+A run reads top to bottom: load labels from the database, build data loaders,
+fit (head first with the body frozen, then everything), evaluate on the
+holdout, score every pool photo out-of-fold, record.
+
+The body's BatchNorm layers stay in eval mode throughout: with batches of a
+few dozen photos their running statistics drift away from the ImageNet ones
+and cost several points of holdout accuracy.
+"""
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
+from fastai.callback.progress import ProgressCallback  # noqa: F401  (no_bar)
+from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.transforms import ColReader, IndexSplitter, Normalize
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.vision.augment import Flip, RandomCrop
+from fastai.vision.core import PILImage
+from fastai.vision.data import ImageBlock
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from torch import nn
+
+from db.labels import class_names
+from db.models import DONE, EXCLUDED, FAILED, HOLDOUT, POOL, Photo, TrainingRun, utcnow
+from db.settings import get_settings
+from pipeline.images import MEAN, STD, BadImageError, load_rgb, resize_short
+from pipeline.infer import predict_probs
+from pipeline.model import body_and_head, create_model, get_device, save_weights
+from pipeline.progress import Progress, null_progress
+from pipeline.scoring import limit_per_class, score_run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one fine-tune; saved with the run it produced."""
+
+    image_size: int = 224
+    batch_size: int = 32
+    frozen_epochs: int = 2
+    unfrozen_epochs: int = 1
+    head_lr: float = 3e-3
+    body_lr: float = 1e-4
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    tta: bool = True
+    folds: int = 5
+    seed: int = 42
+    # Only for quick trials and tests: at most this many pool/holdout photos
+    # per class, chosen by id.
+    max_per_class: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(
+                f"unknown training settings {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**values)
+
+
+class NotTrainableError(ValueError):
+    """The labels as they stand cannot train a classifier; the message says why."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_photos(session: Session, split: str, max_per_class: int | None):
+    """Photos of `split` that take part in training or evaluation."""
+    query = select(Photo).where(Photo.split == split).order_by(Photo.id)
+    photos = limit_per_class(list(session.scalars(query)), max_per_class)
+    return [p for p in photos if p.status != EXCLUDED]
+
+
+def check_trainable(photos: list[Photo], classes: list[str], folds: int) -> None:
+    """Refuse, before any work, labels that cannot train or be scored.
+
+    Raises:
+        NotTrainableError: fewer than two classes with photos, or a class with
+            fewer photos than the folds need.
+    """
+    if not photos:
+        raise NotTrainableError(
+            "no pool photos to train on: every photo is excluded or none was imported"
+        )
+    counts = {name: 0 for name in classes}
+    for photo in photos:
+        counts[photo.label] = counts.get(photo.label, 0) + 1
+    present = [name for name, count in counts.items() if count > 0]
+    if len(present) < 2:
+        raise NotTrainableError(
+            f"training needs at least two classes with photos; found {counts}"
+        )
+    too_few = {name: n for name, n in counts.items() if 0 < n < folds}
+    if too_few:
+        name, count = next(iter(too_few.items()))
+        raise NotTrainableError(
+            f"class {name!r} has {count} photos, fewer than the {folds} folds "
+            "that scoring needs; add photos or relabel some to it"
+        )
+
+
+class _SkipValidation(Callback):
+    """Holdout accuracy is measured once at the end, not after every epoch."""
+
+    def before_validate(self):
+        raise CancelValidException()
+
+
+class _FrozenBatchNorm(Callback):
+    """Keep every BatchNorm in the body in eval mode (ImageNet statistics)."""
+
+    order = 1  # after fastai's TrainEvalCallback switches to train mode
+
+    def before_train(self):
+        head = self.learn.model.get_classifier()
+        for module in self.learn.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        head.train()
+
+
+class _ReportProgress(Callback):
+    """Forward fastai's batch counter to a `Progress` and honour cancellation."""
+
+    order = 50
+
+    def __init__(self, progress: Progress, done_epochs: int, total_epochs: int,
+                 share: float, phase: str):
+        self.progress = progress
+        self.done_epochs = done_epochs
+        self.total_epochs = total_epochs
+        self.share = share
+        self.phase = phase
+
+    def after_batch(self):
+        if not self.training:
+            return
+        epoch = self.done_epochs + self.epoch + (self.iter + 1) / self.n_iter
+        fraction = self.share * epoch / self.total_epochs
+        loss = float(self.smooth_loss) if self.smooth_loss is not None else 0.0
+        message = (
+            f"{self.phase}: epoch {self.done_epochs + self.epoch + 1}/"
+            f"{self.total_epochs}, batch {self.iter + 1}/{self.n_iter}, "
+            f"loss {loss:.3f}"
+        )
+        if self.progress(fraction, message):
+            raise CancelFitException()
+
+
+class CancelledError(RuntimeError):
+    """The user asked the job to stop."""
+
+
+def build_dataloaders(photos: list[Photo], classes: list[str], config: TrainConfig,
+                      device: torch.device):
+    """fastai DataLoaders over photos decoded and resized once, held in memory."""
+    images: dict[str, Image.Image] = {}
+    rows = []
+    for photo in photos:
+        try:
+            images[photo.path] = resize_short(load_rgb(photo.path), config.image_size)
+        except (BadImageError, FileNotFoundError) as error:
+            logger.warning("leaving out %s: %s", photo.path, error)
+            continue
+        rows.append({"path": photo.path, "label": photo.label})
+    if not rows:
+        raise NotTrainableError("none of the pool photos could be read")
+
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    block = DataBlock(
+        blocks=(ImageBlock(PILImage), CategoryBlock(vocab=classes)),
+        get_x=lambda row: PILImage(images[row["path"]]),
+        get_y=ColReader("label"),
+        splitter=IndexSplitter([]),
+        item_tfms=RandomCrop(config.image_size),
+        batch_tfms=[Flip(), Normalize.from_stats(list(MEAN), list(STD))],
+    )
+    loaders = block.dataloaders(
+        frame, bs=min(config.batch_size, len(frame)), num_workers=0, device=device,
+        shuffle=True, drop_last=len(frame) > config.batch_size,
+    )
+    return loaders, len(rows)
+
+
+def fit(learner: Learner, config: TrainConfig, progress: Progress, share: float):
+    """Head first with the body frozen, then all layers with smaller rates."""
+    total = config.frozen_epochs + config.unfrozen_epochs
+
+    # Phase 1: only the new head learns.
+    if config.frozen_epochs:
+        learner.freeze()
+        cb = _ReportProgress(progress, 0, total, share, "head")
+        learner.fit_one_cycle(config.frozen_epochs, config.head_lr,
+                              wd=config.weight_decay, cbs=[cb])
+        if progress.cancelled:
+            raise CancelledError("training cancelled")
+
+    # Phase 2: the whole network, the body at a tenth of the head's rate or less.
+    if config.unfrozen_epochs:
+        learner.unfreeze()
+        cb = _ReportProgress(progress, config.frozen_epochs, total, share, "all")
+        learner.fit_one_cycle(config.unfrozen_epochs,
+                              slice(config.body_lr, config.head_lr / 10),
+                              wd=config.weight_decay, cbs=[cb])
+        if progress.cancelled:
+            raise CancelledError("training cancelled")
+
+
+def evaluate(model: nn.Module, photos: list[Photo], classes: list[str],
+             config: TrainConfig) -> tuple[dict, np.ndarray]:
+    """Accuracy and confusion matrix on `photos` (rows: given, cols: predicted)."""
+    probs = predict_probs(model, [p.path for p in photos], config.image_size,
+                          tta=config.tta)
+    index = {name: i for i, name in enumerate(classes)}
+    truth = np.array([index[p.label] for p in photos], dtype=int)
+    predicted = probs.argmax(axis=1) if len(photos) else np.zeros(0, dtype=int)
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    for t, p in zip(truth, predicted):
+        confusion[t, p] += 1
+    accuracy = float((truth == predicted).mean()) if len(photos) else None
+    return {"accuracy_holdout": accuracy, "n_holdout": len(photos),
+            "confusion": confusion.tolist()}, probs
+
+
+def train_run(session: Session, config: TrainConfig | None = None,
+              progress: Progress = null_progress) -> TrainingRun:
+    """Fine-tune on the current labels, evaluate, score and record a new run.
+
+    The run row is committed first (status `running`) so that a crash leaves a
+    trace; it ends `done` with metrics, or `failed` with the error.
+
+    Raises:
+        NotTrainableError: the labels cannot train (see `check_trainable`).
+        CancelledError: `progress` reported a cancellation.
+    """
+    config = config or TrainConfig()
+    settings = get_settings()
+    seed_everything(config.seed)
+    device = get_device()
+
+    # Load labels from the database.
+    classes = class_names(session)
+    pool = select_photos(session, POOL, config.max_per_class)
+    holdout = [p for p in select_photos(session, HOLDOUT, config.max_per_class)
+               if p.label in classes]
+    check_trainable(pool, classes, config.folds)
+    run = TrainingRun(config=asdict(config), classes=classes, device=str(device),
+                      n_train=len(pool))
+    session.add(run)
+    session.commit()
+    logger.info("run %s: %d pool photos, %d holdout, classes %s, on %s",
+                run.id, len(pool), len(holdout), classes, device)
+
+    try:
+        # Build data loaders.
+        progress(0.0, f"decoding {len(pool)} photos")
+        loaders, n_used = build_dataloaders(pool, classes, config, device)
+        run.n_train = n_used
+
+        # Fit.
+        started = time.perf_counter()
+        model = create_model(len(classes)).to(device)
+        learner = Learner(
+            loaders, model,
+            loss_func=CrossEntropyLossFlat(label_smoothing=config.label_smoothing),
+            splitter=body_and_head, train_bn=False,
+            cbs=[_SkipValidation(), _FrozenBatchNorm()],
+        )
+        with learner.no_bar(), learner.no_logging():
+            fit(learner, config, progress, share=0.85)
+        train_seconds = time.perf_counter() - started
+
+        # Evaluate on the holdout.
+        progress(0.86, f"evaluating on {len(holdout)} holdout photos")
+        model.eval()
+        metrics, holdout_probs = evaluate(model, holdout, classes, config)
+        metrics["train_seconds"] = round(train_seconds, 2)
+
+        # Save the weights.
+        run_dir = settings.artifact_dir / "runs" / str(run.id)
+        weights = run_dir / "model.pt"
+        save_weights(model, weights)
+        run.artifact_path = str(weights)
+        (run_dir / "config.json").write_text(json.dumps(
+            {"config": asdict(config), "classes": classes}, indent=2))
+
+        # Score every pool photo out-of-fold, and record.
+        progress(0.92, "scoring pool photos out-of-fold")
+        score_run(session, run, model, holdout=holdout, holdout_probs=holdout_probs)
+        run.metrics = metrics
+        run.train_seconds = round(train_seconds, 2)
+        run.status = DONE
+        run.finished_at = utcnow()
+        session.commit()
+        progress(1.0, f"done: holdout accuracy {_percent(metrics['accuracy_holdout'])}")
+        logger.info("run %s done: %s", run.id, metrics)
+        return run
+    except BaseException as error:
+        session.rollback()
+        run.status = FAILED
+        run.metrics = {"error": str(error) or type(error).__name__}
+        run.finished_at = utcnow()
+        session.commit()
+        raise
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
