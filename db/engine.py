@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Base
@@ -33,9 +33,7 @@ def create_db_engine(url: str) -> Engine:
         ValueError: if the URL is not a SQLite URL.
     """
     if not url.startswith("sqlite"):
-        raise ValueError(
-            f"DATABASE_URL={url!r} is not supported: use a sqlite:/// URL"
-        )
+        raise ValueError(f"DATABASE_URL={url!r} is not supported: use a sqlite:/// URL")
     database = url.split("///", 1)[-1]
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +43,34 @@ def create_db_engine(url: str) -> Engine:
     )
     event.listen(engine, "connect", _configure_sqlite)
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a database made by an older version up to date.
+
+    Columns added since are nullable, so `ALTER TABLE ... ADD COLUMN` is all
+    an existing database needs; its rows keep every value they had.
+    """
+    existing = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable:
+                    raise RuntimeError(
+                        f"database {engine.url} lacks column {table.name}."
+                        f"{column.name}, which cannot be added in place; "
+                        "move the database aside and import again"
+                    )
+                kind = column.type.compile(dialect=engine.dialect)
+                connection.execute(
+                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+                )
+                logger.info("added column %s.%s", table.name, column.name)
 
 
 @lru_cache(maxsize=8)

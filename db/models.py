@@ -54,6 +54,9 @@ class Photo(Base):
     original_label: Mapped[str]
     label: Mapped[str]
     status: Mapped[str] = mapped_column(String(16), default=UNREVIEWED)
+    # 64-bit difference hash of the upright image, as 16 hex digits: photos a
+    # few bits apart look the same (resized, recompressed, lightly edited).
+    dhash: Mapped[str | None] = mapped_column(String(16), index=True)
     # Bumped on every change; a relabel only applies to the version it saw.
     version: Mapped[int] = mapped_column(default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -70,6 +73,8 @@ class SkippedFile(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     path: Mapped[str] = mapped_column(unique=True)
     reason: Mapped[str]
+    # Set when the file is a byte-for-byte copy of a photo already imported.
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("photos.id"))
     seen_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -105,6 +110,8 @@ class TrainingRun(Base):
     artifact_path: Mapped[str | None]
     device: Mapped[str | None]
     n_train: Mapped[int] = mapped_column(default=0)
+    # The process doing the training, to tell a crashed run from a live one.
+    pid: Mapped[int | None]
     train_seconds: Mapped[float | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]

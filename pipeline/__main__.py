@@ -28,8 +28,11 @@ def _ingest(args) -> int:
 def _train(args) -> int:
     from pipeline.train import TrainConfig, train_run
 
-    values = {k: v for k, v in vars(args).items()
-              if k in TrainConfig.__dataclass_fields__ and v is not None}
+    values = {
+        k: v
+        for k, v in vars(args).items()
+        if k in TrainConfig.__dataclass_fields__ and v is not None
+    }
     config = TrainConfig.from_dict(values)
     progress = _console_progress()
     with session_scope(get_engine()) as session:
@@ -44,7 +47,7 @@ def _score(args) -> int:
 
     with session_scope(get_engine()) as session:
         run = get_run(session, args.run)
-        count = score_run(session, run)
+        count = score_run(session, run, thorough=not args.quick)
         print(f"run {run.id}: scored {count} pool photos out-of-fold")
     return 0
 
@@ -57,8 +60,17 @@ def _export(args) -> int:
     with session_scope(get_engine()) as session:
         run = get_run(session, args.run)
         export = export_run(session, run.id, config, _console_progress())
-        print(json.dumps({"export_id": export.id, "path": export.path,
-                          "sidecar": export.sidecar_path, **export.checks}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "export_id": export.id,
+                    "path": export.path,
+                    "sidecar": export.sidecar_path,
+                    **export.checks,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -93,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     ingest = commands.add_parser(
-        "ingest", help="import photos from DATA_DIR/train and DATA_DIR/test")
+        "ingest", help="import photos from DATA_DIR/train and DATA_DIR/test"
+    )
     ingest.add_argument("--data-dir", help="class-folder photo set (default DATA_DIR)")
     ingest.set_defaults(func=_ingest)
 
@@ -106,20 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--body-lr", dest="body_lr", type=float)
     train.add_argument("--seed", type=int)
     train.add_argument("--folds", type=int)
-    train.add_argument("--max-per-class", dest="max_per_class", type=int,
-                       help="use at most this many photos per class (quick trials)")
+    train.add_argument(
+        "--max-per-class",
+        dest="max_per_class",
+        type=int,
+        help="use at most this many photos per class (quick trials)",
+    )
     train.set_defaults(func=_train)
 
     score = commands.add_parser(
-        "score", help="recompute out-of-fold scores from the current labels")
+        "score", help="recompute out-of-fold scores from the current labels"
+    )
     score.add_argument("--run", type=int, help="run id (default: latest finished)")
+    score.add_argument(
+        "--quick",
+        action="store_true",
+        help="ImageNet embeddings only (about a second; the dashboard's rerank)",
+    )
     score.set_defaults(func=_score)
 
     export = commands.add_parser("export", help="export a run for phones, checked")
     export.add_argument("--run", type=int, help="run id (default: latest finished)")
     export.add_argument("--format", choices=("pte", "onnx"), default="pte")
-    export.add_argument("--int8", action="store_true",
-                        help="int8 post-training quantization (pte only)")
+    export.add_argument(
+        "--int8", action="store_true", help="int8 post-training quantization (pte only)"
+    )
     export.set_defaults(func=_export)
 
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)

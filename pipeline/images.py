@@ -62,6 +62,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """Steps 2 and 3 for an image already decoded, such as an upload."""
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _check_pixel_count(image: Image.Image) -> None:
+    """Refuse what Pillow would only warn about, before any pixel is decoded.
+
+    `catch_warnings` swaps a process-wide filter list, so a thread leaving it
+    can drop the filter set by another thread still inside: the warning then
+    goes by and a huge image gets decoded. This check does not depend on it.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+        raise Image.DecompressionBombError(
+            f"{image.width} x {image.height} = {image.width * image.height} pixels, "
+            f"over the limit of {limit}"
+        )
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode `path` fully, upright and as RGB.
 
@@ -78,13 +98,15 @@ def load_rgb(path: str | Path) -> Image.Image:
             # warning as the error it is here, without lifting the limit.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                _check_pixel_count(image)
                 image.load()
-                upright = ImageOps.exif_transpose(image)
-                return to_rgb(upright).copy()
+                return upright_rgb(image).copy()
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise BadImageError(f"{path}: too many pixels to decode safely ({error})")
+        raise BadImageError(
+            f"{path}: too many pixels to decode safely ({error})"
+        ) from None
     except UnidentifiedImageError:
         raise BadImageError(f"{path}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -108,9 +130,7 @@ def center_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
 def to_array(image: Image.Image) -> np.ndarray:
     """An RGB image of side `size` as a normalised float32 array (3, H, W)."""
     array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    array = (array - np.array(MEAN, dtype=np.float32)) / np.array(
-        STD, dtype=np.float32
-    )
+    array = (array - np.array(MEAN, dtype=np.float32)) / np.array(STD, dtype=np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
@@ -136,10 +156,33 @@ def preprocessing_spec(size: int = IMAGE_SIZE) -> dict:
             "size": size,
             "interpolation": "bilinear, antialiased (Pillow Image.BILINEAR)",
         },
-        "crop": {"rule": "centre", "width": size, "height": size,
-                 "offset": "left = (width - size) // 2, top = (height - size) // 2"},
-        "scale": {"formula": "(pixel / 255 - mean) / std", "mean": list(MEAN),
-                  "std": list(STD)},
+        "crop": {
+            "rule": "centre",
+            "width": size,
+            "height": size,
+            "offset": "left = (width - size) // 2, top = (height - size) // 2",
+        },
+        "scale": {
+            "formula": "(pixel / 255 - mean) / std",
+            "mean": list(MEAN),
+            "std": list(STD),
+        },
         "channel_order": "RGB",
         "layout": "NCHW float32, batch size 1",
     }
+
+
+def dhash(image: Image.Image, bits: int = 8) -> str:
+    """Difference hash: one bit per horizontally adjacent pixel pair of a
+    (bits+1) x bits greyscale thumbnail, as hex. Robust to resizing and
+    recompression, not to crops or rotations."""
+    small = image.convert("L").resize((bits + 1, bits), Image.Resampling.BILINEAR)
+    pixels = np.asarray(small, dtype=np.int16)
+    differences = (pixels[:, 1:] > pixels[:, :-1]).flatten()
+    value = int("".join("1" if d else "0" for d in differences), 2)
+    return f"{value:0{bits * bits // 4}x}"
+
+
+def hamming(a: str, b: str) -> int:
+    """Number of differing bits between two hex hashes of equal length."""
+    return (int(a, 16) ^ int(b, 16)).bit_count()

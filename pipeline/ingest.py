@@ -4,18 +4,18 @@
 the label; `DATA_DIR/test/<class>/*` becomes the frozen holdout. Files are
 identified by the SHA-256 of their bytes, so importing again adds nothing
 twice. A file that cannot be read as an image is recorded in `skipped_files`
-with the reason, and the import goes on.
+with the reason, and the import goes on; once it imports, that record goes.
 """
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from db.models import HOLDOUT, POOL, Photo, SkippedFile
-from pipeline.images import BadImageError, file_sha256, load_rgb
+from pipeline.images import BadImageError, dhash, file_sha256, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class IngestReport:
     already_known: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     classes: dict[str, int] = field(default_factory=dict)
+    empty_folders: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         text = (
@@ -36,6 +37,8 @@ class IngestReport:
         )
         for path, reason in self.skipped:
             text += f"\n  skipped {path}: {reason}"
+        for folder in self.empty_folders:
+            text += f"\n  class folder {folder} holds no files"
         return text
 
 
@@ -51,12 +54,19 @@ def _files(class_dir: Path) -> list[Path]:
     )
 
 
-def _record_skip(session: Session, path: str, reason: str, report: IngestReport):
+def _record_skip(
+    session: Session,
+    path: str,
+    reason: str,
+    report: IngestReport,
+    duplicate_of: int | None = None,
+):
     skipped = session.scalar(select(SkippedFile).where(SkippedFile.path == path))
     if skipped is None:
-        session.add(SkippedFile(path=path, reason=reason))
-    else:
-        skipped.reason = reason
+        skipped = SkippedFile(path=path, reason=reason)
+        session.add(skipped)
+    skipped.reason = reason
+    skipped.duplicate_of_id = duplicate_of
     report.skipped.append((path, reason))
     logger.warning("skipped %s: %s", path, reason)
 
@@ -82,49 +92,81 @@ def ingest_folder(session: Session, data_dir: str | Path) -> IngestReport:
         raise ValueError(f"{data_dir / 'train'} has no class folders inside")
 
     report = IngestReport()
-    known_paths = dict(session.execute(select(Photo.path, Photo.sha256)).all())
-    known_hashes = dict(session.execute(select(Photo.sha256, Photo.path)).all())
+    known = _KnownPhotos(session)
     for folder, split in SPLIT_FOLDERS.items():
         split_dir = data_dir / folder
         if not split_dir.is_dir():
             continue
         for class_dir in _class_folders(split_dir):
             label = class_dir.name
-            for path in _files(class_dir):
-                key = str(path)
-                _ingest_file(
-                    session, path, key, split, label, known_paths, known_hashes, report
-                )
-                if split == POOL:
-                    report.classes[label] = report.classes.get(label, 0) + 1
+            files = _files(class_dir)
+            if not files:
+                report.empty_folders.append(_printable(class_dir))
+                logger.warning("class folder %s holds no files", _printable(class_dir))
+            for path in files:
+                _ingest_file(session, path, split, label, known, report)
+            if split == POOL:
+                report.classes[label] = report.classes.get(label, 0) + len(files)
     session.flush()
     logger.info(report.summary().splitlines()[0])
     return report
 
 
-def _ingest_file(session, path, key, split, label, known_paths, known_hashes, report):
+class _KnownPhotos:
+    """Paths and content hashes already in the database, kept up to date."""
+
+    def __init__(self, session: Session):
+        rows = session.execute(select(Photo.id, Photo.path, Photo.sha256)).all()
+        self.sha_by_path = {path: sha for _, path, sha in rows}
+        self.by_sha = {sha: (photo_id, path) for photo_id, path, sha in rows}
+        self.skipped = set(session.scalars(select(SkippedFile.path)))
+
+    def add(self, photo: Photo) -> None:
+        self.sha_by_path[photo.path] = photo.sha256
+        self.by_sha[photo.sha256] = (photo.id, photo.path)
+
+
+def _printable(path: Path) -> str:
+    """`path` as text that can be stored and shown, whatever bytes its name has."""
+    return (
+        str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    )
+
+
+def _forget_skip(session: Session, key: str, known: _KnownPhotos) -> None:
+    """Drop the skip record of a file that imports now (fixed or restored)."""
+    if key in known.skipped:
+        session.execute(delete(SkippedFile).where(SkippedFile.path == key))
+        known.skipped.discard(key)
+
+
+def _ingest_file(session, path: Path, split, label, known: _KnownPhotos, report):
+    key = str(path)
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        # Names in another encoding (an old zip, a Windows share) cannot be
+        # stored as text; stopping the whole import for one would lose the rest.
+        reason = "file or folder name is not valid UTF-8; rename it"
+        _record_skip(session, _printable(path), reason, report)
+        return
     try:
         sha = file_sha256(path)
     except OSError as error:
         _record_skip(session, key, f"cannot read file: {error}", report)
         return
-    if key in known_paths:
-        if known_paths[key] == sha:
+    if key in known.sha_by_path:
+        if known.sha_by_path[key] == sha:
             report.already_known += 1
+            _forget_skip(session, key, known)
         else:
-            _record_skip(
-                session, key, "file changed since it was imported; its old "
-                "version stays in the database", report,
-            )
+            reason = "file changed since it was imported; the old version stays"
+            _record_skip(session, key, reason, report)
         return
-    if sha in known_hashes:
-        if known_hashes[sha] == key:
-            report.already_known += 1
-        else:
-            _record_skip(
-                session, key, f"same bytes as {known_hashes[sha]} (exact duplicate)",
-                report,
-            )
+    if sha in known.by_sha:
+        photo_id, original = known.by_sha[sha]
+        reason = f"same bytes as {original} (exact duplicate)"
+        _record_skip(session, key, reason, report, duplicate_of=photo_id)
         return
     try:
         image = load_rgb(path)
@@ -139,8 +181,10 @@ def _ingest_file(session, path, key, split, label, known_paths, known_hashes, re
         split=split,
         original_label=label,
         label=label,
+        dhash=dhash(image),
     )
     session.add(photo)
-    known_paths[key] = sha
-    known_hashes[sha] = key
+    _forget_skip(session, key, known)
+    session.flush()
+    known.add(photo)
     report.added += 1

@@ -19,7 +19,16 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.engine import get_engine, session_scope
-from db.models import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, utcnow
+from db.models import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    Job,
+    TrainingRun,
+    utcnow,
+)
 from db.settings import PROJECT_ROOT, get_settings
 from pipeline.progress import Progress
 
@@ -30,8 +39,9 @@ HEARTBEAT_SECONDS = 2.0
 STALE_AFTER = timedelta(minutes=2)
 
 
-def start_job(session: Session, kind: str, params: dict | None = None,
-              spawn: bool = True) -> Job:
+def start_job(
+    session: Session, kind: str, params: dict | None = None, spawn: bool = True
+) -> Job:
     """Record a job and start its worker process; returns without waiting.
 
     Raises:
@@ -40,8 +50,9 @@ def start_job(session: Session, kind: str, params: dict | None = None,
     if kind not in JOB_KINDS:
         raise ValueError(f"unknown job kind {kind!r}; expected one of {JOB_KINDS}")
     reap_dead_jobs(session)
-    busy = session.scalar(select(Job).where(Job.kind == kind,
-                                            Job.state.in_((QUEUED, RUNNING))))
+    busy = session.scalar(
+        select(Job).where(Job.kind == kind, Job.state.in_((QUEUED, RUNNING)))
+    )
     if busy is not None:
         raise ValueError(f"a {kind} job (#{busy.id}) is already {busy.state}")
     job = Job(kind=kind, params=params or {}, message="waiting for a worker")
@@ -59,8 +70,12 @@ def _spawn_worker(job_id: int) -> int:
     with open(log_dir / f"{job_id}.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "worker", str(job_id)],
-            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy(),
+            cwd=PROJECT_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=os.environ.copy(),
         )
     logger.info("job %s: worker pid %s", job_id, process.pid)
     return process.pid
@@ -71,18 +86,24 @@ def request_cancel(session: Session, job_id: int) -> None:
     session.commit()
 
 
-def _worker_alive(job: Job) -> bool:
-    if job.pid is None:
-        return job.created_at > utcnow() - STALE_AFTER
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
     try:
-        process = psutil.Process(job.pid)
+        process = psutil.Process(pid)
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
 
-def reap_dead_jobs(session: Session) -> list[int]:
-    """Mark failed every unfinished job whose worker is gone or silent."""
+def _worker_alive(job: Job) -> bool:
+    if job.pid is None:
+        return job.created_at > utcnow() - STALE_AFTER
+    return _pid_alive(job.pid)
+
+
+def reap_dead_jobs(session: Session) -> list:
+    """Mark failed every unfinished job or run whose process is gone or silent."""
     reaped = []
     for job in session.scalars(select(Job).where(Job.state.in_((QUEUED, RUNNING)))):
         stale = job.heartbeat is not None and job.heartbeat < utcnow() - STALE_AFTER
@@ -90,13 +111,22 @@ def reap_dead_jobs(session: Session) -> list[int]:
             job.state = FAILED
             job.message = (
                 f"worker stopped without finishing (last message: {job.message!r})"
-                if not stale else "worker stopped sending heartbeats"
+                if not stale
+                else "worker stopped sending heartbeats"
             )
             job.finished_at = utcnow()
             reaped.append(job.id)
+    for run in session.scalars(
+        select(TrainingRun).where(TrainingRun.status == RUNNING)
+    ):
+        if not _pid_alive(run.pid):
+            run.status = FAILED
+            run.metrics = {"error": "the training process died before finishing"}
+            run.finished_at = utcnow()
+            reaped.append(f"run {run.id}")
     if reaped:
         session.commit()
-        logger.warning("marked jobs %s failed: their workers died", reaped)
+        logger.warning("marked %s failed: their workers died", reaped)
     return reaped
 
 
@@ -113,16 +143,18 @@ class _JobReporter:
             return False
         self.last_write = now
         with session_scope(get_engine()) as session:
-            session.execute(update(Job).where(Job.id == self.job_id).values(
-                progress=fraction, message=message, heartbeat=utcnow()))
+            session.execute(
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(progress=fraction, message=message, heartbeat=utcnow())
+            )
             job = session.get(Job, self.job_id)
             return bool(job and job.cancel_requested)
 
 
 def run_job(job_id: int) -> str:
     """Run job `job_id` in this process and record how it ended."""
-    from pipeline.export import ExportConfig, export_run
-    from pipeline.train import CancelledError, TrainConfig, train_run
+    from pipeline.train import CancelledError
 
     engine = get_engine()
     with session_scope(engine) as session:
@@ -138,12 +170,17 @@ def run_job(job_id: int) -> str:
     try:
         with session_scope(engine) as session:
             if kind == "train":
+                from pipeline.train import TrainConfig, train_run
+
                 run = train_run(session, TrainConfig.from_dict(params), progress)
                 result = {"run_id": run.id}
                 accuracy = run.metrics.get("accuracy_holdout")
                 message = f"run {run.id} done" + (
-                    f": holdout accuracy {100 * accuracy:.1f} %" if accuracy else "")
+                    f": holdout accuracy {100 * accuracy:.1f} %" if accuracy else ""
+                )
             elif kind == "export":
+                from pipeline.export import ExportConfig, export_run
+
                 params = dict(params)
                 run_id = params.pop("run_id")
                 export = export_run(session, run_id, ExportConfig(**params), progress)

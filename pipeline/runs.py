@@ -8,8 +8,12 @@ from db.models import DONE, TrainingRun
 
 def latest_run(session: Session) -> TrainingRun | None:
     """The newest run that finished."""
-    return session.scalars(select(TrainingRun).where(TrainingRun.status == DONE)
-                           .order_by(TrainingRun.id.desc()).limit(1)).first()
+    return session.scalars(
+        select(TrainingRun)
+        .where(TrainingRun.status == DONE)
+        .order_by(TrainingRun.id.desc())
+        .limit(1)
+    ).first()
 
 
 def get_run(session: Session, run_id: int | None = None) -> TrainingRun:

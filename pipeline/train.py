@@ -11,14 +11,14 @@ and cost several points of holdout accuracy.
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 import numpy as np
 import torch
-import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.progress import ProgressCallback  # noqa: F401  (no_bar)
 from fastai.data.block import CategoryBlock, DataBlock
@@ -34,7 +34,17 @@ from sqlalchemy.orm import Session
 from torch import nn
 
 from db.labels import class_names
-from db.models import DONE, EXCLUDED, FAILED, HOLDOUT, POOL, Photo, TrainingRun, utcnow
+from db.models import (
+    CANCELLED,
+    DONE,
+    EXCLUDED,
+    FAILED,
+    HOLDOUT,
+    POOL,
+    Photo,
+    TrainingRun,
+    utcnow,
+)
 from db.settings import get_settings
 from pipeline.images import MEAN, STD, BadImageError, load_rgb, resize_short
 from pipeline.infer import predict_probs
@@ -43,6 +53,8 @@ from pipeline.progress import Progress, null_progress
 from pipeline.scoring import limit_per_class, score_run
 
 logger = logging.getLogger(__name__)
+
+MIN_PHOTOS_PER_CLASS = 2
 
 
 @dataclass
@@ -58,7 +70,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     tta: bool = True
-    folds: int = 5
+    folds: int = 10
     seed: int = 42
     # Only for quick trials and tests: at most this many pool/holdout photos
     # per class, chosen by id.
@@ -93,12 +105,12 @@ def select_photos(session: Session, split: str, max_per_class: int | None):
     return [p for p in photos if p.status != EXCLUDED]
 
 
-def check_trainable(photos: list[Photo], classes: list[str], folds: int) -> None:
+def check_trainable(photos: list[Photo], classes: list[str]) -> None:
     """Refuse, before any work, labels that cannot train or be scored.
 
     Raises:
-        NotTrainableError: fewer than two classes with photos, or a class with
-            fewer photos than the folds need.
+        NotTrainableError: no photos, fewer than two classes with photos, or a
+            class with a single photo (out-of-fold scoring needs two).
     """
     if not photos:
         raise NotTrainableError(
@@ -112,13 +124,13 @@ def check_trainable(photos: list[Photo], classes: list[str], folds: int) -> None
         raise NotTrainableError(
             f"training needs at least two classes with photos; found {counts}"
         )
-    too_few = {name: n for name, n in counts.items() if 0 < n < folds}
-    if too_few:
-        name, count = next(iter(too_few.items()))
-        raise NotTrainableError(
-            f"class {name!r} has {count} photos, fewer than the {folds} folds "
-            "that scoring needs; add photos or relabel some to it"
-        )
+    for name, count in counts.items():
+        if count == 1:
+            raise NotTrainableError(
+                f"class {name!r} has 1 photo; out-of-fold scoring needs at least "
+                f"{MIN_PHOTOS_PER_CLASS} per class: add photos, relabel some to "
+                "it, or relabel this one"
+            )
 
 
 class _SkipValidation(Callback):
@@ -146,8 +158,14 @@ class _ReportProgress(Callback):
 
     order = 50
 
-    def __init__(self, progress: Progress, done_epochs: int, total_epochs: int,
-                 share: float, phase: str):
+    def __init__(
+        self,
+        progress: Progress,
+        done_epochs: int,
+        total_epochs: int,
+        share: float,
+        phase: str,
+    ):
         self.progress = progress
         self.done_epochs = done_epochs
         self.total_epochs = total_epochs
@@ -173,8 +191,9 @@ class CancelledError(RuntimeError):
     """The user asked the job to stop."""
 
 
-def build_dataloaders(photos: list[Photo], classes: list[str], config: TrainConfig,
-                      device: torch.device):
+def build_dataloaders(
+    photos: list[Photo], classes: list[str], config: TrainConfig, device: torch.device
+):
     """fastai DataLoaders over photos decoded and resized once, held in memory."""
     images: dict[str, Image.Image] = {}
     rows = []
@@ -200,8 +219,12 @@ def build_dataloaders(photos: list[Photo], classes: list[str], config: TrainConf
         batch_tfms=[Flip(), Normalize.from_stats(list(MEAN), list(STD))],
     )
     loaders = block.dataloaders(
-        frame, bs=min(config.batch_size, len(frame)), num_workers=0, device=device,
-        shuffle=True, drop_last=len(frame) > config.batch_size,
+        frame,
+        bs=min(config.batch_size, len(frame)),
+        num_workers=0,
+        device=device,
+        shuffle=True,
+        drop_last=len(frame) > config.batch_size,
     )
     return loaders, len(rows)
 
@@ -214,8 +237,9 @@ def fit(learner: Learner, config: TrainConfig, progress: Progress, share: float)
     if config.frozen_epochs:
         learner.freeze()
         cb = _ReportProgress(progress, 0, total, share, "head")
-        learner.fit_one_cycle(config.frozen_epochs, config.head_lr,
-                              wd=config.weight_decay, cbs=[cb])
+        learner.fit_one_cycle(
+            config.frozen_epochs, config.head_lr, wd=config.weight_decay, cbs=[cb]
+        )
         if progress.cancelled:
             raise CancelledError("training cancelled")
 
@@ -223,31 +247,42 @@ def fit(learner: Learner, config: TrainConfig, progress: Progress, share: float)
     if config.unfrozen_epochs:
         learner.unfreeze()
         cb = _ReportProgress(progress, config.frozen_epochs, total, share, "all")
-        learner.fit_one_cycle(config.unfrozen_epochs,
-                              slice(config.body_lr, config.head_lr / 10),
-                              wd=config.weight_decay, cbs=[cb])
+        learner.fit_one_cycle(
+            config.unfrozen_epochs,
+            slice(config.body_lr, config.head_lr / 10),
+            wd=config.weight_decay,
+            cbs=[cb],
+        )
         if progress.cancelled:
             raise CancelledError("training cancelled")
 
 
-def evaluate(model: nn.Module, photos: list[Photo], classes: list[str],
-             config: TrainConfig) -> tuple[dict, np.ndarray]:
+def evaluate(
+    model: nn.Module, photos: list[Photo], classes: list[str], config: TrainConfig
+) -> tuple[dict, np.ndarray]:
     """Accuracy and confusion matrix on `photos` (rows: given, cols: predicted)."""
-    probs = predict_probs(model, [p.path for p in photos], config.image_size,
-                          tta=config.tta)
+    probs = predict_probs(
+        model, [p.path for p in photos], config.image_size, tta=config.tta
+    )
     index = {name: i for i, name in enumerate(classes)}
     truth = np.array([index[p.label] for p in photos], dtype=int)
     predicted = probs.argmax(axis=1) if len(photos) else np.zeros(0, dtype=int)
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
-    for t, p in zip(truth, predicted):
+    for t, p in zip(truth, predicted, strict=True):
         confusion[t, p] += 1
     accuracy = float((truth == predicted).mean()) if len(photos) else None
-    return {"accuracy_holdout": accuracy, "n_holdout": len(photos),
-            "confusion": confusion.tolist()}, probs
+    return {
+        "accuracy_holdout": accuracy,
+        "n_holdout": len(photos),
+        "confusion": confusion.tolist(),
+    }, probs
 
 
-def train_run(session: Session, config: TrainConfig | None = None,
-              progress: Progress = null_progress) -> TrainingRun:
+def train_run(
+    session: Session,
+    config: TrainConfig | None = None,
+    progress: Progress = null_progress,
+) -> TrainingRun:
     """Fine-tune on the current labels, evaluate, score and record a new run.
 
     The run row is committed first (status `running`) so that a crash leaves a
@@ -265,15 +300,29 @@ def train_run(session: Session, config: TrainConfig | None = None,
     # Load labels from the database.
     classes = class_names(session)
     pool = select_photos(session, POOL, config.max_per_class)
-    holdout = [p for p in select_photos(session, HOLDOUT, config.max_per_class)
-               if p.label in classes]
-    check_trainable(pool, classes, config.folds)
-    run = TrainingRun(config=asdict(config), classes=classes, device=str(device),
-                      n_train=len(pool))
+    holdout = [
+        p
+        for p in select_photos(session, HOLDOUT, config.max_per_class)
+        if p.label in classes
+    ]
+    check_trainable(pool, classes)
+    run = TrainingRun(
+        config=asdict(config),
+        classes=classes,
+        device=str(device),
+        n_train=len(pool),
+        pid=os.getpid(),
+    )
     session.add(run)
     session.commit()
-    logger.info("run %s: %d pool photos, %d holdout, classes %s, on %s",
-                run.id, len(pool), len(holdout), classes, device)
+    logger.info(
+        "run %s: %d pool photos, %d holdout, classes %s, on %s",
+        run.id,
+        len(pool),
+        len(holdout),
+        classes,
+        device,
+    )
 
     try:
         # Build data loaders.
@@ -285,9 +334,11 @@ def train_run(session: Session, config: TrainConfig | None = None,
         started = time.perf_counter()
         model = create_model(len(classes)).to(device)
         learner = Learner(
-            loaders, model,
+            loaders,
+            model,
             loss_func=CrossEntropyLossFlat(label_smoothing=config.label_smoothing),
-            splitter=body_and_head, train_bn=False,
+            splitter=body_and_head,
+            train_bn=False,
             cbs=[_SkipValidation(), _FrozenBatchNorm()],
         )
         with learner.no_bar(), learner.no_logging():
@@ -299,14 +350,18 @@ def train_run(session: Session, config: TrainConfig | None = None,
         model.eval()
         metrics, holdout_probs = evaluate(model, holdout, classes, config)
         metrics["train_seconds"] = round(train_seconds, 2)
+        metrics["train_class_counts"] = {
+            name: sum(p.label == name for p in pool) for name in classes
+        }
 
         # Save the weights.
         run_dir = settings.artifact_dir / "runs" / str(run.id)
         weights = run_dir / "model.pt"
         save_weights(model, weights)
         run.artifact_path = str(weights)
-        (run_dir / "config.json").write_text(json.dumps(
-            {"config": asdict(config), "classes": classes}, indent=2))
+        (run_dir / "config.json").write_text(
+            json.dumps({"config": asdict(config), "classes": classes}, indent=2)
+        )
 
         # Score every pool photo out-of-fold, and record.
         progress(0.92, "scoring pool photos out-of-fold")
@@ -321,7 +376,7 @@ def train_run(session: Session, config: TrainConfig | None = None,
         return run
     except BaseException as error:
         session.rollback()
-        run.status = FAILED
+        run.status = CANCELLED if isinstance(error, CancelledError) else FAILED
         run.metrics = {"error": str(error) or type(error).__name__}
         run.finished_at = utcnow()
         session.commit()

@@ -12,7 +12,9 @@ import pytest
 from db.engine import get_engine
 from db.settings import PROJECT_ROOT
 
-SEEFOOD = Path(os.environ.get("SEEFOOD_DIR", PROJECT_ROOT.parent / "shared/data/seefood"))
+SEEFOOD = Path(
+    os.environ.get("SEEFOOD_DIR", PROJECT_ROOT.parent / "shared/data/seefood")
+)
 CLASSES = ("hot_dog", "not_hot_dog")
 
 
@@ -24,8 +26,9 @@ def real_photos(split: str, label: str, count: int, skip: int = 0) -> list[Path]
     return sorted(folder.glob("*.jpg"))[skip : skip + count]
 
 
-def make_photo_set(root: Path, train_per_class: int, test_per_class: int,
-                   skip: int = 0) -> Path:
+def make_photo_set(
+    root: Path, train_per_class: int, test_per_class: int, skip: int = 0
+) -> Path:
     """A class-folder set under `root` linking to real Seefood photos."""
     for split, count in (("train", train_per_class), ("test", test_per_class)):
         for label in CLASSES:

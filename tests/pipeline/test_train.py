@@ -1,0 +1,133 @@
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.labels import apply_action
+from db.models import CANCELLED, DONE, HOLDOUT, Photo, Prediction, TrainingRun
+from pipeline.infer import predict_probs
+from pipeline.ingest import ingest_folder
+from pipeline.model import create_model, load_weights
+from pipeline.progress import Progress
+from pipeline.train import (
+    CancelledError,
+    NotTrainableError,
+    TrainConfig,
+    seed_everything,
+    train_run,
+)
+from tests.conftest import make_photo_set
+
+QUICK = dict(
+    image_size=128,
+    frozen_epochs=2,
+    unfrozen_epochs=0,
+    folds=3,
+    tta=False,
+    batch_size=16,
+)
+
+
+def _holdout(session):
+    return list(
+        session.scalars(select(Photo).where(Photo.split == HOLDOUT).order_by(Photo.id))
+    )
+
+
+def test_training_beats_the_untrained_head_and_reloads_identically(engine, workspace):
+    data = make_photo_set(workspace / "photos", train_per_class=16, test_per_class=10)
+    config = TrainConfig(**QUICK)
+    with session_scope(engine) as session:
+        ingest_folder(session, data)
+        holdout = _holdout(session)
+        truth = np.array([p.label == "not_hot_dog" for p in holdout], dtype=int)
+        seed_everything(config.seed)
+        untrained = create_model(2).eval()
+        before = (
+            predict_probs(untrained, [p.path for p in holdout], 128).argmax(1) == truth
+        ).mean()
+        run = train_run(session, config)
+
+    with session_scope(engine) as session:
+        run = session.get(TrainingRun, run.id)
+        assert run.status == DONE
+        accuracy = run.metrics["accuracy_holdout"]
+        assert accuracy > before and accuracy >= 0.75
+        assert np.array(run.metrics["confusion"]).sum() == 20
+
+        # The recipe's settings are stored with the run, in the row and on disk.
+        assert run.config == asdict(config)
+        saved = json.loads((Path(run.artifact_path).parent / "config.json").read_text())
+        assert saved["classes"] == ["hot_dog", "not_hot_dog"]
+
+        # Reloading the saved weights reproduces the recorded predictions.
+        model = load_weights(run.artifact_path, 2)
+        probs = predict_probs(model, [p.path for p in holdout], 128)
+        recorded = {
+            row.photo_id: row.probs
+            for row in session.scalars(
+                select(Prediction).where(
+                    Prediction.run_id == run.id, Prediction.kind == "holdout"
+                )
+            )
+        }
+        assert np.allclose(probs, [recorded[p.id] for p in holdout], atol=1e-4)
+        # Every pool photo got an out-of-fold score.
+        oof = session.scalars(
+            select(Prediction).where(
+                Prediction.run_id == run.id, Prediction.kind == "oof"
+            )
+        ).all()
+        assert len(oof) == 32
+        assert all(0.0 <= row.score <= 1.0 and row.reason for row in oof)
+
+
+@pytest.mark.parametrize(
+    ("exclude", "message"),
+    [
+        ("all", "every photo is excluded"),
+        ("not_hot_dog", "at least two classes"),
+        ("some_not_hot_dog", "'not_hot_dog' has 1 photo; out-of-fold scoring"),
+    ],
+)
+def test_labels_that_cannot_train_are_refused_up_front(
+    engine, small_set, exclude, message
+):
+    with session_scope(engine) as session:
+        ingest_folder(session, small_set)
+        pool = session.scalars(select(Photo).where(Photo.split == "pool")).all()
+        if exclude == "all":
+            chosen = pool
+        elif exclude == "not_hot_dog":
+            chosen = [p for p in pool if p.label == "not_hot_dog"]
+        else:
+            chosen = [p for p in pool if p.label == "not_hot_dog"][1:]
+        for photo in chosen:
+            apply_action(session, photo.id, "exclude")
+    with (
+        pytest.raises(NotTrainableError, match=message),
+        session_scope(engine) as session,
+    ):
+        train_run(session, TrainConfig(**QUICK))
+    with session_scope(engine) as session:
+        assert session.scalars(select(TrainingRun)).all() == []
+
+
+def test_cancelling_stops_training_and_marks_the_run(engine, small_set):
+    with session_scope(engine) as session:
+        ingest_folder(session, small_set)
+    cancel = Progress(lambda fraction, message: message.startswith("head"))
+    with pytest.raises(CancelledError), session_scope(engine) as session:
+        train_run(session, TrainConfig(**QUICK), cancel)
+    with session_scope(engine) as session:
+        run = session.scalars(select(TrainingRun)).one()
+        assert run.status == CANCELLED and run.artifact_path is None
+
+
+def test_unknown_setting_is_named():
+    with pytest.raises(ValueError, match="epochz"):
+        TrainConfig.from_dict({"epochz": 3})
