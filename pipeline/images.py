@@ -17,12 +17,23 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 IMAGE_SIZE = 224
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 RESAMPLE = Image.Resampling.BILINEAR
+
+# EXIF Orientation value -> the transpose that shows the photo upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class BadImageError(ValueError):
@@ -62,9 +73,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
+def apply_orientation(image: Image.Image) -> Image.Image:
+    """Turn `image` upright by its EXIF Orientation tag (1 or none: as stored).
+
+    Unlike `ImageOps.exif_transpose`, this never writes the EXIF block back,
+    which fails on phone files whose other tags are malformed.
+    """
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(method)
+
+
 def upright_rgb(image: Image.Image) -> Image.Image:
     """Steps 2 and 3 for an image already decoded, such as an upload."""
-    return to_rgb(ImageOps.exif_transpose(image))
+    return to_rgb(apply_orientation(image))
 
 
 def _check_pixel_count(image: Image.Image) -> None:
@@ -111,6 +133,12 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise BadImageError(f"{path}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImageError(f"{path}: cannot decode image ({error})") from None
+    except Exception as error:
+        # Pillow's parsers can fail on a malformed file with almost any
+        # exception; one bad file must not stop an import of thousands.
+        raise BadImageError(
+            f"{path}: cannot decode image ({type(error).__name__}: {error})"
+        ) from None
 
 
 def resize_short(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
