@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Base
@@ -17,17 +17,22 @@ logger = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 30_000
 
 
-def _configure_sqlite(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+def _sqlite_settings(busy_timeout_ms: int):
+    def configure(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return configure
 
 
-def create_db_engine(url: str) -> Engine:
+def create_db_engine(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
     """Create an engine for `url` and the tables it lacks.
+
+    `busy_timeout_ms` is how long a write waits for another writer.
 
     Raises:
         ValueError: if the URL is not a SQLite URL.
@@ -39,38 +44,50 @@ def create_db_engine(url: str) -> Engine:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,
-        connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
     )
-    event.listen(engine, "connect", _configure_sqlite)
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
+    event.listen(engine, "connect", _sqlite_settings(busy_timeout_ms))
+    _create_schema(engine)
     return engine
 
 
-def _add_missing_columns(engine: Engine) -> None:
+def _create_schema(engine: Engine) -> None:
+    """Create the tables and columns the database lacks, one process at a time.
+
+    Several processes can open a new database at once (the dashboard, a CLI
+    command, job workers). Without the write lock taken first, each sees no
+    tables and all but one fail with "table ... already exists".
+    """
+    with engine.connect() as connection:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        Base.metadata.create_all(connection)
+        _add_missing_columns(connection)
+        connection.commit()
+
+
+def _add_missing_columns(connection: Connection) -> None:
     """Bring a database made by an older version up to date.
 
     Columns added since are nullable, so `ALTER TABLE ... ADD COLUMN` is all
     an existing database needs; its rows keep every value they had.
     """
-    existing = inspect(engine)
-    with engine.begin() as connection:
-        for table in Base.metadata.sorted_tables:
-            present = {c["name"] for c in existing.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                if not column.nullable:
-                    raise RuntimeError(
-                        f"database {engine.url} lacks column {table.name}."
-                        f"{column.name}, which cannot be added in place; "
-                        "move the database aside and import again"
-                    )
-                kind = column.type.compile(dialect=engine.dialect)
-                connection.execute(
-                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+    existing = inspect(connection)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise RuntimeError(
+                    f"database {connection.engine.url} lacks column {table.name}."
+                    f"{column.name}, which cannot be added in place; "
+                    "move the database aside and import again"
                 )
-                logger.info("added column %s.%s", table.name, column.name)
+            kind = column.type.compile(dialect=connection.dialect)
+            connection.execute(
+                text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+            )
+            logger.info("added column %s.%s", table.name, column.name)
 
 
 @lru_cache(maxsize=8)

@@ -16,9 +16,10 @@ from datetime import timedelta
 
 import psutil
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from db.engine import get_engine, session_scope
+from db.engine import create_db_engine, get_engine, session_scope
 from db.models import (
     CANCELLED,
     DONE,
@@ -131,25 +132,37 @@ def reap_dead_jobs(session: Session) -> list:
 
 
 class _JobReporter:
-    """Writes progress to the job row at most every HEARTBEAT_SECONDS."""
+    """Writes progress to the job row at most every HEARTBEAT_SECONDS.
+
+    Progress is best effort: it goes through an engine of its own that waits
+    at most a second for the lock, so a caller that holds a write transaction
+    (export, scoring) never stalls on its own progress report.
+    """
 
     def __init__(self, job_id: int):
         self.job_id = job_id
         self.last_write = 0.0
+        self.engine = create_db_engine(
+            get_settings().database_url, busy_timeout_ms=1000
+        )
 
     def __call__(self, fraction: float, message: str) -> bool:
         now = time.monotonic()
         if now - self.last_write < HEARTBEAT_SECONDS and fraction < 1.0:
             return False
         self.last_write = now
-        with session_scope(get_engine()) as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id)
-                .values(progress=fraction, message=message, heartbeat=utcnow())
-            )
-            job = session.get(Job, self.job_id)
-            return bool(job and job.cancel_requested)
+        try:
+            with session_scope(self.engine) as session:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id)
+                    .values(progress=fraction, message=message, heartbeat=utcnow())
+                )
+                job = session.get(Job, self.job_id)
+                return bool(job and job.cancel_requested)
+        except OperationalError as error:
+            logger.debug("job %s: progress not written (%s)", self.job_id, error)
+            return False
 
 
 def run_job(job_id: int) -> str:

@@ -1,0 +1,1 @@
+"""Seefood Studio's Streamlit dashboard: `streamlit run dashboard/app.py`."""

@@ -1,0 +1,94 @@
+"""Pieces several pages share: a background job's progress and outcome."""
+
+import streamlit as st
+
+from db.engine import session_scope
+from db.models import CANCELLED, DONE, Job, TrainingRun
+from db.settings import get_settings
+from pipeline.jobs import reap_dead_jobs, request_cancel
+from pipeline.review import estimate_seconds_left, is_active, latest_job
+
+REFRESH_SECONDS = 2.0
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def format_percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def run_label(run: TrainingRun) -> str:
+    """How a run is named in choices: its id, when, and its holdout accuracy."""
+    accuracy = format_percent(run.metrics.get("accuracy_holdout"))
+    return f"run #{run.id} · {run.created_at:%Y-%m-%d %H:%M} · {accuracy}"
+
+
+def _cancel(job_id: int) -> None:
+    with session_scope() as session:
+        request_cancel(session, job_id)
+
+
+@st.fragment(run_every=REFRESH_SECONDS)
+def _live_job(job_id: int, noun: str) -> None:
+    # Reruns on its own every few seconds, so the rest of the page stays usable
+    # while the worker reports progress through the job row.
+    with session_scope() as session:
+        reap_dead_jobs(session)
+        job = session.get(Job, job_id)
+    if job is None or not is_active(job):
+        st.rerun()  # the whole page: show the outcome and what the job produced
+
+    st.progress(job.progress, text=f"{noun} job #{job.id}: {job.message or job.state}")
+    left = estimate_seconds_left(job)
+    pace = (
+        "estimating time left…"
+        if left is None
+        else f"about {format_seconds(left)} left"
+    )
+    columns = st.columns([3, 1])
+    if job.cancel_requested:
+        columns[0].caption("Cancelling: the worker stops at its next progress report.")
+    else:
+        columns[0].caption(f"{100 * job.progress:.0f} % · {pace}")
+    columns[1].button(
+        "Cancel",
+        key=f"cancel-job-{job.id}",
+        on_click=_cancel,
+        args=(job.id,),
+        disabled=job.cancel_requested,
+    )
+
+
+def job_panel(kind: str, noun: str) -> Job | None:
+    """Show the newest `kind` job: live progress while it runs, else how it ended.
+
+    Returns the job (None if there never was one) as read from the job table,
+    so a browser refresh shows the same thing.
+    """
+    with session_scope() as session:
+        job = latest_job(session, kind)
+    if job is None:
+        return None
+    if is_active(job):
+        _live_job(job.id, noun)
+        return job
+
+    ended = job.finished_at.strftime("%Y-%m-%d %H:%M") if job.finished_at else "?"
+    text = f"Last {noun} job #{job.id} ({ended} UTC): {job.message or job.state}"
+    if job.state == DONE:
+        st.success(text)
+    elif job.state == CANCELLED:
+        st.warning(text)
+    else:
+        log = get_settings().artifact_dir / "jobs" / f"{job.id}.log"
+        st.error(f"{text}. The worker's log is {log}.")
+    return job

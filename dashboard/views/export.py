@@ -1,0 +1,202 @@
+"""Export: write a finished run as a phone-ready model file, checked, to download."""
+
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.components import format_percent, job_panel, run_label
+from db.engine import session_scope
+from db.models import DONE, TrainingRun
+from pipeline.images import BadImageError, load_rgb
+from pipeline.jobs import start_job
+from pipeline.review import is_active, list_runs
+
+FORMATS = {"pte": "ExecuTorch (.pte)", "onnx": "ONNX (.onnx)"}
+
+
+def _read_bytes(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def _start(run_id: int, config) -> None:
+    params = {"run_id": run_id, "format": config.format, "int8": config.int8}
+    try:
+        with session_scope() as session:
+            start_job(session, "export", params)
+    except ValueError as error:
+        st.error(str(error))
+        return
+    # Rerun so the panel above shows the new job's progress.
+    st.rerun()
+
+
+def _export_form(exporting, finished: list[TrainingRun], running: bool) -> None:
+    runs_by_id = {run.id: run for run in finished}
+    columns = st.columns([3, 2, 1, 1])
+    # Keyed by the newest run, so a run that just finished becomes the choice.
+    run_id = columns[0].selectbox(
+        "Run",
+        list(runs_by_id),
+        format_func=lambda i: run_label(runs_by_id[i]),
+        key=f"export_run_{finished[0].id}",
+    )
+    fmt = columns[1].radio(
+        "Format",
+        list(FORMATS),
+        format_func=FORMATS.get,
+        horizontal=True,
+        key="export_format",
+    )
+    int8 = columns[2].checkbox(
+        "int8",
+        key="export_int8",
+        disabled=fmt != "pte",
+        help="Post-training int8 quantization, about 4x smaller (.pte only).",
+    )
+    pressed = columns[3].button(
+        "Export",
+        type="primary",
+        key="export_start",
+        disabled=running,
+        help="An export job is running." if running else None,
+    )
+    if not pressed:
+        return
+    try:
+        config = exporting.ExportConfig(format=fmt, int8=bool(int8) and fmt == "pte")
+    except ValueError as error:
+        st.error(str(error))
+        return
+    _start(run_id, config)
+
+
+def _checks_frame(exports) -> pd.DataFrame:
+    rows = []
+    for export in exports:
+        checks = export.checks or {}
+        size_mb = checks.get("size_mb", export.size_bytes / 1e6)
+        rows.append(
+            {
+                "export": export.id,
+                "run": export.run_id,
+                "format": export.format,
+                "file": Path(export.path).name,
+                "size (MB)": round(size_mb, 2),
+                "agreement": format_percent(checks.get("agreement")),
+                "max prob diff": checks.get("max_prob_diff"),
+                "holdout accuracy": format_percent(checks.get("accuracy_holdout")),
+                "median latency (ms)": checks.get("latency_ms_median"),
+                "created (UTC)": export.created_at,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _downloads(export) -> None:
+    columns = st.columns(2)
+    model = Path(export.path)
+    if model.is_file():
+        columns[0].download_button(
+            f"Download {model.name}",
+            data=partial(_read_bytes, str(model)),
+            file_name=model.name,
+            mime="application/octet-stream",
+            key=f"download-model-{export.id}",
+            on_click="ignore",
+        )
+    else:
+        columns[0].warning(f"The model file {model} is missing.")
+    if export.sidecar_path and Path(export.sidecar_path).is_file():
+        sidecar = Path(export.sidecar_path)
+        columns[1].download_button(
+            f"Download {sidecar.name}",
+            data=partial(_read_bytes, str(sidecar)),
+            file_name=sidecar.name,
+            mime="application/json",
+            key=f"download-sidecar-{export.id}",
+            on_click="ignore",
+        )
+    else:
+        columns[1].warning("This export has no sidecar JSON file.")
+
+
+def _try_export(exporting, export, classes: list[str]) -> None:
+    upload = st.file_uploader(
+        "Try it on a photo", type=["jpg", "jpeg", "png", "webp"], key="export_try"
+    )
+    if upload is None:
+        return
+    # Decoded from a file so the same rules apply as everywhere else
+    # (EXIF orientation, RGB conversion, decompression-bomb limit).
+    with tempfile.NamedTemporaryFile(suffix=Path(upload.name).suffix) as handle:
+        handle.write(upload.getvalue())
+        handle.flush()
+        try:
+            image = load_rgb(handle.name)
+        except BadImageError as error:
+            st.error(f"{upload.name}: {str(error).split(': ', 1)[-1]}")
+            return
+    try:
+        with st.spinner("Running the exported model…"):
+            label, confidence, probs = exporting.predict_with_export(export, image)
+    except (ValueError, OSError, RuntimeError) as error:
+        st.error(f"The exported model could not classify {upload.name}: {error}")
+        return
+    columns = st.columns([1, 2])
+    columns[0].image(image, width=240)
+    columns[1].metric(
+        "Prediction",
+        label,
+        f"{100 * confidence:.1f} % sure",
+        delta_color="off",
+        delta_arrow="off",
+    )
+    if len(probs) == len(classes):
+        columns[1].dataframe(
+            pd.DataFrame({"class": classes, "probability": [float(p) for p in probs]}),
+            hide_index=True,
+        )
+
+
+def export_page() -> None:
+    st.title("Export")
+    try:
+        # Imported here so the other pages work where the export toolchain is absent.
+        import pipeline.export as exporting
+    except ImportError as error:
+        st.info(f"Exporting is not available in this installation: {error}.")
+        st.stop()
+
+    job = job_panel("export", "export")
+    with session_scope() as session:
+        runs = list_runs(session)
+        finished = [run for run in runs if run.status == DONE and run.artifact_path]
+        exports = list(exporting.list_exports(session))
+    if not finished:
+        st.info("No finished training run to export yet: train one on the Train page.")
+        st.stop()
+    _export_form(exporting, finished, running=job is not None and is_active(job))
+
+    st.subheader("Exports")
+    if not exports:
+        st.info("No exports yet: pick a run and press Export.")
+        st.stop()
+    st.dataframe(_checks_frame(exports), hide_index=True, width="stretch")
+    by_id = {export.id: export for export in exports}
+    # Keyed by the newest export, so a new export becomes the choice.
+    export_id = st.selectbox(
+        "Export",
+        list(by_id),
+        format_func=lambda i: f"export #{i}: {Path(by_id[i].path).name}",
+        key=f"export_selected_{exports[0].id}",
+    )
+    export = by_id[export_id]
+    _downloads(export)
+    classes = next((list(run.classes) for run in runs if run.id == export.run_id), [])
+    _try_export(exporting, export, classes)
+
+
+export_page()

@@ -1,0 +1,107 @@
+"""Overview: what the database holds, what was changed, and how the model does."""
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.components import format_percent
+from db.engine import session_scope
+from db.models import EXCLUDED, HOLDOUT, POOL, STATUSES
+from db.settings import get_settings
+from pipeline.ingest import ingest_folder
+from pipeline.review import photo_counts, relabelled_count, skipped_files
+from pipeline.runs import latest_run
+
+
+def rescan() -> None:
+    data_dir = get_settings().data_dir
+    try:
+        with session_scope() as session:
+            report = ingest_folder(session, data_dir)
+    except (FileNotFoundError, ValueError) as error:
+        st.session_state["overview_flash"] = ("error", str(error))
+        return
+    st.session_state["overview_flash"] = (
+        "success",
+        report.summary().replace("\n", "  \n"),
+    )
+
+
+def counts_table(counts: list[dict], split: str) -> pd.DataFrame:
+    """Photos of one split: a row per label, a column per status, and a total."""
+    frame = pd.DataFrame([row for row in counts if row["split"] == split])
+    if frame.empty:
+        return frame
+    table = frame.pivot_table(
+        index="label", columns="status", values="photos", aggfunc="sum", fill_value=0
+    )
+    table = table.reindex(columns=[s for s in STATUSES if s in table.columns])
+    table["total"] = table.sum(axis=1)
+    return table
+
+
+def overview_page() -> None:
+    st.title("Overview")
+    kind, text = st.session_state.pop("overview_flash", (None, None))
+    if kind == "error":
+        st.error(text)
+    elif kind == "success":
+        st.success(text)
+
+    with session_scope() as session:
+        counts = photo_counts(session)
+        relabelled = relabelled_count(session)
+        skipped = skipped_files(session)
+        run = latest_run(session)
+    if not counts:
+        st.info(
+            f"No photos in the database yet. Put class folders under "
+            f"{get_settings().data_dir}/train (and test/) and press Re-scan."
+        )
+        st.button("Re-scan the photo folder", key="overview_rescan", on_click=rescan)
+        st.stop()
+
+    def total(split: str, status: str | None = None) -> int:
+        return sum(
+            row["photos"]
+            for row in counts
+            if row["split"] == split and status in (None, row["status"])
+        )
+
+    metrics = st.columns(5)
+    metrics[0].metric("Pool photos", total(POOL))
+    metrics[1].metric("Holdout photos", total(HOLDOUT))
+    metrics[2].metric("Relabelled so far", relabelled)
+    metrics[3].metric("Excluded", total(POOL, EXCLUDED))
+    if run is None:
+        metrics[4].metric("Latest run's holdout accuracy", "no run yet")
+    else:
+        accuracy = format_percent(run.metrics.get("accuracy_holdout"))
+        metrics[4].metric(f"Run #{run.id} holdout accuracy", accuracy)
+
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Pool (for review and training)")
+        st.dataframe(counts_table(counts, POOL), width="stretch")
+    with right:
+        st.subheader("Holdout (frozen test set)")
+        holdout = counts_table(counts, HOLDOUT)
+        if holdout.empty:
+            st.info(
+                "No holdout: add DATA_DIR/test/<class>/ folders to measure accuracy."
+            )
+        else:
+            st.dataframe(holdout, width="stretch")
+
+    st.subheader(f"Skipped files ({len(skipped)})")
+    if skipped:
+        st.dataframe(
+            pd.DataFrame([{"file": s.path, "reason": s.reason} for s in skipped]),
+            hide_index=True,
+            width="stretch",
+        )
+    else:
+        st.caption("Every file under the photo folder was imported.")
+    st.button("Re-scan the photo folder", key="overview_rescan", on_click=rescan)
+
+
+overview_page()

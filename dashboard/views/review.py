@@ -1,0 +1,360 @@
+"""Review: pool photos the model finds most confusing first, one click each.
+
+Every click is one `apply_action` on the version of the photo the page showed,
+committed at once; if someone changed the photo in between, nothing is saved
+and the page says what the label is now.
+"""
+
+import math
+
+import streamlit as st
+
+from db.engine import session_scope
+from db.labels import StaleLabelError, apply_action, class_names, last_event, undo_event
+from db.models import CONFIRMED, EXCLUDED, STATUSES, LabelEvent
+from pipeline.images import BadImageError
+from pipeline.review import (
+    REASON_KINDS,
+    ReviewFilters,
+    ReviewItem,
+    queue_position,
+    review_queue,
+    thumbnail,
+)
+from pipeline.runs import latest_run
+
+PER_PAGE = 24
+COLUMNS = 4
+ANY = "any"
+SOURCE = "review"
+# Digits pick a class in the one-photo view; "c" and "r" are reserved by Streamlit.
+CLASS_KEYS = "123456789"
+
+
+@st.cache_data(max_entries=1000, show_spinner=False)
+def thumbnail_bytes(path: str, sha256: str) -> bytes:
+    return thumbnail(path, sha256).read_bytes()
+
+
+def _flash(kind: str, text: str) -> None:
+    st.session_state["review_flash"] = (kind, text)
+
+
+def _show_flash() -> None:
+    kind, text = st.session_state.pop("review_flash", (None, None))
+    if kind == "warning":
+        st.warning(text)
+    elif kind == "error":
+        st.error(text)
+    elif kind == "info":
+        st.info(text)
+    elif kind == "success":
+        st.toast(text)
+
+
+def _summary(event: LabelEvent) -> str:
+    if event.old_label != event.new_label:
+        change = f"{event.old_label} → {event.new_label}"
+    else:
+        change = event.new_label
+    return f"Photo #{event.photo_id}: {change} ({event.new_status})"
+
+
+def _stale_warning(error: StaleLabelError) -> None:
+    _flash(
+        "warning",
+        f"Photo #{error.photo_id} was changed since this page showed it: it is now "
+        f"**{error.label}** ({error.status}). Nothing was saved; see it again below.",
+    )
+
+
+def act(photo_id: int, action: str, version: int, new_label: str | None = None) -> None:
+    """Apply one action to the version of the photo that was on screen."""
+    try:
+        with session_scope() as session:
+            event = apply_action(
+                session,
+                photo_id,
+                action,
+                new_label=new_label,
+                expected_version=version,
+                source=SOURCE,
+            )
+    except StaleLabelError as error:
+        _stale_warning(error)
+        return
+    except (LookupError, ValueError) as error:
+        _flash("error", str(error))
+        return
+    _flash("success", _summary(event))
+    st.session_state["review_acted_on"] = photo_id
+
+
+def undo_last() -> None:
+    try:
+        with session_scope() as session:
+            event = last_event(session, source=SOURCE)
+            if event is None:
+                _flash(
+                    "info", "Nothing to undo: every review action is already undone."
+                )
+                return
+            undo = undo_event(session, event.id)
+    except StaleLabelError as error:
+        _stale_warning(error)
+        return
+    _flash("success", f"Undone. {_summary(undo)}")
+    st.session_state["review_show_photo"] = undo.photo_id
+
+
+def _back_to_start() -> None:
+    st.session_state["review_page"] = 1
+    st.session_state["review_focus_index"] = 0
+
+
+def _turn_page(step: int) -> None:
+    st.session_state["review_page"] = max(
+        1, st.session_state.get("review_page", 1) + step
+    )
+
+
+def _move_focus(step: int) -> None:
+    index = st.session_state.get("review_focus_index", 0)
+    st.session_state["review_focus_index"] = max(0, index + step)
+
+
+def _switch_mode() -> None:
+    # Keep the reviewer's place when moving between the grid and one photo.
+    if st.session_state.get("review_focus"):
+        page = st.session_state.get("review_page", 1)
+        st.session_state["review_focus_index"] = (page - 1) * PER_PAGE
+    else:
+        index = st.session_state.get("review_focus_index", 0)
+        st.session_state["review_page"] = index // PER_PAGE + 1
+
+
+def _filter_bar(classes: list[str]) -> ReviewFilters:
+    columns = st.columns(4)
+    choices = {
+        "label": ("Given label", classes),
+        "predicted": ("Predicted label", classes),
+        "status": ("Status", list(STATUSES)),
+        "reason_kind": ("Model's verdict", list(REASON_KINDS)),
+    }
+    values = {}
+    for column, (name, (title, options)) in zip(columns, choices.items(), strict=True):
+        value = column.selectbox(
+            title,
+            [ANY, *options],
+            key=f"review_filter_{name}",
+            on_change=_back_to_start,
+        )
+        values[name] = None if value == ANY else value
+    return ReviewFilters(**values)
+
+
+def _show_photo(item: ReviewItem, width: int | str) -> None:
+    try:
+        st.image(thumbnail_bytes(item.path, item.sha256), width=width)
+    except (BadImageError, OSError) as error:
+        st.warning(f"Cannot show {item.path}: {error}")
+
+
+def _describe_item(item: ReviewItem) -> None:
+    given = f"given **{item.label}**"
+    if item.label != item.original_label:
+        given += f" (folder: {item.original_label})"
+    if item.predicted_label is None:
+        predicted = "predicted –"
+    else:
+        predicted = f"predicted **{item.predicted_label}** at {item.confidence:.2f}"
+    st.markdown(f"{given}  \n{predicted}")
+    reason = item.reason
+    if item.scored_label is not None and item.scored_label != item.label:
+        reason += f" (scored while labelled {item.scored_label})"
+    st.caption(reason)
+    st.caption(f"#{item.photo_id} · {item.status} · version {item.version}")
+
+
+def _action_buttons(item: ReviewItem, classes: list[str], keyboard: bool) -> None:
+    """Confirm, one Relabel per other class, and Exclude or Restore."""
+    prefix = "focus-" if keyboard else ""
+    keys = dict(zip(classes, CLASS_KEYS, strict=False)) if keyboard else {}
+    st.button(
+        f"Confirm {item.label}",
+        key=f"{prefix}confirm-{item.photo_id}",
+        on_click=act,
+        args=(item.photo_id, "confirm", item.version),
+        disabled=item.status == CONFIRMED,
+        type="primary" if keyboard else "secondary",
+        width="stretch",
+        shortcut=keys.get(item.label),
+    )
+    for name in classes:
+        if name == item.label:
+            continue
+        st.button(
+            f"Relabel as {name}",
+            key=f"{prefix}relabel-{item.photo_id}-{name}",
+            on_click=act,
+            args=(item.photo_id, "relabel", item.version, name),
+            width="stretch",
+            shortcut=keys.get(name),
+        )
+    if item.status == EXCLUDED:
+        action, title = "restore", "Restore"
+    else:
+        action, title = "exclude", "Exclude"
+    st.button(
+        title,
+        key=f"{prefix}{action}-{item.photo_id}",
+        on_click=act,
+        args=(item.photo_id, action, item.version),
+        width="stretch",
+        shortcut="x" if keyboard else None,
+    )
+
+
+def _grid_view(filters: ReviewFilters, classes: list[str], show: int | None) -> None:
+    page = st.session_state.get("review_page", 1)
+    with session_scope() as session:
+        position = None if show is None else queue_position(session, show, filters)
+        if position is not None:
+            page = position // PER_PAGE + 1
+        queue = review_queue(session, filters, (page - 1) * PER_PAGE, PER_PAGE)
+        pages = max(1, math.ceil(queue.total / PER_PAGE))
+        if page > pages:
+            page = pages
+            queue = review_queue(session, filters, (page - 1) * PER_PAGE, PER_PAGE)
+    st.session_state["review_page"] = page
+    if not queue.items:
+        st.info("No pool photos match these filters.")
+        return
+
+    first = (page - 1) * PER_PAGE + 1
+    nav = st.columns([1, 1, 2, 4])
+    nav[0].button(
+        "← Previous",
+        key="review_prev_page",
+        on_click=_turn_page,
+        args=(-1,),
+        disabled=page <= 1,
+        shortcut="k",
+    )
+    nav[1].button(
+        "Next →",
+        key="review_next_page",
+        on_click=_turn_page,
+        args=(1,),
+        disabled=page >= pages,
+        shortcut="j",
+    )
+    nav[2].number_input("Page", min_value=1, max_value=pages, key="review_page")
+    last = first + len(queue.items) - 1
+    nav[3].caption(f"Photos {first}–{last} of {queue.total} · page {page} of {pages}")
+
+    for start in range(0, len(queue.items), COLUMNS):
+        columns = st.columns(COLUMNS)
+        row = queue.items[start : start + COLUMNS]
+        for column, item in zip(columns, row, strict=False):
+            with column.container(border=True):
+                _show_photo(item, "stretch")
+                _describe_item(item)
+                _action_buttons(item, classes, keyboard=False)
+
+
+def _focus_view(
+    filters: ReviewFilters, classes: list[str], acted_on: int | None, show: int | None
+) -> None:
+    index = st.session_state.get("review_focus_index", 0)
+    with session_scope() as session:
+        position = None if show is None else queue_position(session, show, filters)
+        if position is not None:
+            index, acted_on = position, None
+        queue = review_queue(session, filters, index, 1)
+        # Move on after a decision, unless the photo already left the list
+        # (a status filter): then the next one has slid into its place.
+        stayed = queue.items and queue.items[0].photo_id == acted_on
+        if stayed and index + 1 < queue.total:
+            index += 1
+            queue = review_queue(session, filters, index, 1)
+        if not queue.items and queue.total:
+            index = queue.total - 1
+            queue = review_queue(session, filters, index, 1)
+    st.session_state["review_focus_index"] = index
+    if not queue.items:
+        st.info("No pool photos match these filters.")
+        return
+
+    item = queue.items[0]
+    left, right = st.columns([3, 2])
+    with left:
+        _show_photo(item, 480)
+    with right:
+        st.caption(f"Photo {index + 1} of {queue.total}")
+        _describe_item(item)
+        _action_buttons(item, classes, keyboard=True)
+        nav = st.columns(2)
+        nav[0].button(
+            "← Previous",
+            key="review_prev_photo",
+            on_click=_move_focus,
+            args=(-1,),
+            disabled=index <= 0,
+            shortcut="k",
+            width="stretch",
+        )
+        nav[1].button(
+            "Next →",
+            key="review_next_photo",
+            on_click=_move_focus,
+            args=(1,),
+            disabled=index + 1 >= queue.total,
+            shortcut="j",
+            width="stretch",
+        )
+        keys = ", ".join(
+            f"{CLASS_KEYS[i]} {name}" for i, name in enumerate(classes[:9])
+        )
+        st.caption(f"Keys: {keys} · x exclude/restore · u undo · j next · k previous")
+
+
+def review_page() -> None:
+    st.title("Review")
+    with session_scope() as session:
+        classes = class_names(session)
+    if not classes:
+        st.info(
+            "No photos yet: put class folders under DATA_DIR/train and reload the app."
+        )
+        st.stop()
+
+    _show_flash()
+    acted_on = st.session_state.pop("review_acted_on", None)
+    # A photo to bring into view: the one an undo just put back.
+    show = st.session_state.pop("review_show_photo", None)
+    filters = _filter_bar(classes)
+    bar = st.columns([2, 2, 4])
+    focus = bar[0].toggle(
+        "One photo at a time", key="review_focus", on_change=_switch_mode
+    )
+    bar[1].button("Undo last", key="review_undo", on_click=undo_last, shortcut="u")
+    with session_scope() as session:
+        run = latest_run(session)
+    if run is None:
+        bar[2].caption(
+            "No finished training run yet, so photos are in import order. "
+            "Train one on the Train page to rank them by how confused the model is."
+        )
+    else:
+        bar[2].caption(
+            f"Ranked by run #{run.id}'s out-of-fold scores, most confused first."
+        )
+
+    if focus:
+        _focus_view(filters, classes, acted_on, show)
+    else:
+        _grid_view(filters, classes, show)
+
+
+review_page()

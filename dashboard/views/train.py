@@ -1,0 +1,248 @@
+"""Train: fine-tune on the current labels in the background, and compare runs."""
+
+from dataclasses import asdict
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.components import format_percent, format_seconds, job_panel, run_label
+from db.engine import session_scope
+from db.models import DONE, TrainingRun
+from pipeline.jobs import start_job
+from pipeline.review import is_active, list_runs
+from pipeline.train import TrainConfig
+
+
+def _settings_form(running: bool) -> TrainConfig | None:
+    """The form; returns the settings when the user pressed Train."""
+    defaults = TrainConfig()
+    with st.form("train_settings"):
+        st.subheader("Settings")
+        first = st.columns(4)
+        frozen = first[0].number_input(
+            "Head-only epochs",
+            key="train_frozen_epochs",
+            min_value=0,
+            max_value=50,
+            value=defaults.frozen_epochs,
+            help="Epochs with the pretrained body frozen.",
+        )
+        unfrozen = first[1].number_input(
+            "Whole-network epochs",
+            key="train_unfrozen_epochs",
+            min_value=0,
+            max_value=50,
+            value=defaults.unfrozen_epochs,
+        )
+        image_size = first[2].number_input(
+            "Image size (px)",
+            key="train_image_size",
+            min_value=64,
+            max_value=512,
+            step=32,
+            value=defaults.image_size,
+        )
+        batch_size = first[3].number_input(
+            "Batch size",
+            key="train_batch_size",
+            min_value=2,
+            max_value=256,
+            value=defaults.batch_size,
+        )
+        second = st.columns(4)
+        head_lr = second[0].number_input(
+            "Head learning rate",
+            key="train_head_lr",
+            min_value=1e-6,
+            max_value=1.0,
+            value=defaults.head_lr,
+            format="%.1e",
+            step=1e-4,
+        )
+        body_lr = second[1].number_input(
+            "Body learning rate",
+            key="train_body_lr",
+            min_value=1e-7,
+            max_value=1.0,
+            value=defaults.body_lr,
+            format="%.1e",
+            step=1e-5,
+        )
+        weight_decay = second[2].number_input(
+            "Weight decay",
+            key="train_weight_decay",
+            min_value=0.0,
+            max_value=1.0,
+            value=defaults.weight_decay,
+            format="%.3f",
+        )
+        smoothing = second[3].number_input(
+            "Label smoothing",
+            key="train_label_smoothing",
+            min_value=0.0,
+            max_value=0.5,
+            value=defaults.label_smoothing,
+            format="%.2f",
+        )
+        third = st.columns(4)
+        folds = third[0].number_input(
+            "Scoring folds",
+            key="train_folds",
+            min_value=2,
+            max_value=20,
+            value=defaults.folds,
+            help="Out-of-fold scoring of the pool photos for the Review page.",
+        )
+        seed = third[1].number_input(
+            "Seed", key="train_seed", min_value=0, value=defaults.seed
+        )
+        limit = third[2].number_input(
+            "Photos per class (0 = all)",
+            key="train_max_per_class",
+            min_value=0,
+            value=defaults.max_per_class or 0,
+            help="A small number gives a quick trial run.",
+        )
+        tta = third[3].checkbox(
+            "Mirror test-time augmentation",
+            key="train_tta",
+            value=defaults.tta,
+            help="Average each holdout photo's prediction with its mirror image.",
+        )
+        pressed = st.form_submit_button(
+            "Train",
+            key="train_submit",
+            type="primary",
+            disabled=running,
+            help="A training job is running." if running else None,
+        )
+    if not pressed:
+        return None
+    if frozen + unfrozen == 0:
+        st.error("Set at least one epoch: head-only or whole-network epochs.")
+        return None
+    return TrainConfig(
+        image_size=int(image_size),
+        batch_size=int(batch_size),
+        frozen_epochs=int(frozen),
+        unfrozen_epochs=int(unfrozen),
+        head_lr=float(head_lr),
+        body_lr=float(body_lr),
+        weight_decay=float(weight_decay),
+        label_smoothing=float(smoothing),
+        tta=bool(tta),
+        folds=int(folds),
+        seed=int(seed),
+        max_per_class=int(limit) or None,
+    )
+
+
+def _start(config: TrainConfig) -> None:
+    try:
+        with session_scope() as session:
+            start_job(session, "train", asdict(config))
+    except ValueError as error:
+        st.error(str(error))
+        return
+    # Rerun so the panel above shows the new job's progress.
+    st.rerun()
+
+
+def _config_summary(config: dict) -> str:
+    epochs = f"{config.get('frozen_epochs')}+{config.get('unfrozen_epochs')} epochs"
+    text = f"{config.get('image_size')} px, {epochs}, seed {config.get('seed')}"
+    if config.get("max_per_class"):
+        text += f", ≤{config['max_per_class']}/class"
+    return text
+
+
+def _runs_table(runs: list[TrainingRun]) -> None:
+    frame = pd.DataFrame(
+        [
+            {
+                "run": run.id,
+                "started (UTC)": run.created_at,
+                "status": run.status,
+                "holdout accuracy": format_percent(run.metrics.get("accuracy_holdout")),
+                "train seconds": run.train_seconds,
+                "photos trained on": run.n_train,
+                "settings": _config_summary(run.config),
+            }
+            for run in runs
+        ]
+    )
+    st.dataframe(frame, hide_index=True, width="stretch")
+
+
+def confusion_frame(run: TrainingRun) -> pd.DataFrame:
+    """Rows are the holdout's given labels, columns what the model predicted."""
+    classes = list(run.classes)
+    return pd.DataFrame(
+        run.metrics.get("confusion") or [[0] * len(classes)] * len(classes),
+        index=[f"given {name}" for name in classes],
+        columns=[f"predicted {name}" for name in classes],
+    )
+
+
+def _run_details(finished: list[TrainingRun]) -> None:
+    by_id = {run.id: run for run in finished}
+    # Keyed by the newest run, so a run that just finished becomes the choice.
+    run_id = st.selectbox(
+        "Run",
+        list(by_id),
+        format_func=lambda i: run_label(by_id[i]),
+        key=f"train_selected_run_{finished[0].id}",
+    )
+    run = by_id[run_id]
+    metrics = st.columns(4)
+    metrics[0].metric(
+        "Holdout accuracy", format_percent(run.metrics.get("accuracy_holdout"))
+    )
+    metrics[1].metric("Holdout photos", run.metrics.get("n_holdout", 0))
+    metrics[2].metric("Photos trained on", run.n_train)
+    seconds = run.train_seconds
+    metrics[3].metric("Training time", format_seconds(seconds) if seconds else "–")
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Confusion matrix on the holdout**")
+        st.dataframe(confusion_frame(run), width="stretch")
+    with right:
+        st.markdown("**Settings**")
+        st.json({**run.config, "classes": run.classes, "device": run.device})
+
+
+def _accuracy_chart(finished: list[TrainingRun]) -> None:
+    points = [
+        {"run": run.id, "holdout accuracy (%)": 100 * run.metrics["accuracy_holdout"]}
+        for run in sorted(finished, key=lambda run: run.id)
+        if run.metrics.get("accuracy_holdout") is not None
+    ]
+    if not points:
+        return
+    st.markdown("**Holdout accuracy across runs**")
+    st.line_chart(pd.DataFrame(points), x="run", y="holdout accuracy (%)")
+
+
+def train_page() -> None:
+    st.title("Train")
+    job = job_panel("train", "training")
+    config = _settings_form(running=job is not None and is_active(job))
+    if config is not None:
+        _start(config)
+
+    st.subheader("Runs")
+    with session_scope() as session:
+        runs = list_runs(session)
+    if not runs:
+        st.info("No training runs yet: press Train above to make the first one.")
+        st.stop()
+    _runs_table(runs)
+    finished = [run for run in runs if run.status == DONE]
+    if not finished:
+        st.info("No run has finished yet.")
+        st.stop()
+    _run_details(finished)
+    _accuracy_chart(finished)
+
+
+train_page()
