@@ -6,6 +6,7 @@ and the page says what the label is now.
 """
 
 import math
+import time
 
 import streamlit as st
 
@@ -22,6 +23,7 @@ from pipeline.review import (
     thumbnail,
 )
 from pipeline.runs import latest_run
+from pipeline.scoring import score_run
 
 PER_PAGE = 24
 COLUMNS = 4
@@ -88,6 +90,27 @@ def act(photo_id: int, action: str, version: int, new_label: str | None = None) 
         return
     _flash("success", _summary(event))
     st.session_state["review_acted_on"] = photo_id
+    _after_change()
+
+
+def rerank() -> None:
+    """Refit the out-of-fold heads on the labels as they are now (about 1 s).
+
+    The flash of the action that triggered it stays; the timing goes to a toast.
+    """
+    with session_scope() as session:
+        run = latest_run(session)
+        if run is None:
+            return
+        started = time.perf_counter()
+        count = score_run(session, run, thorough=False)
+    seconds = time.perf_counter() - started
+    st.toast(f"Re-ranked {count} photos in {seconds:.1f} s")
+
+
+def _after_change() -> None:
+    if st.session_state.get("review_autorank"):
+        rerank()
 
 
 def undo_last() -> None:
@@ -105,6 +128,7 @@ def undo_last() -> None:
         return
     _flash("success", f"Undone. {_summary(undo)}")
     st.session_state["review_show_photo"] = undo.photo_id
+    _after_change()
 
 
 def _back_to_start() -> None:
@@ -334,20 +358,26 @@ def review_page() -> None:
     # A photo to bring into view: the one an undo just put back.
     show = st.session_state.pop("review_show_photo", None)
     filters = _filter_bar(classes)
-    bar = st.columns([2, 2, 4])
+    bar = st.columns([2, 2, 2, 4])
     focus = bar[0].toggle(
         "One photo at a time", key="review_focus", on_change=_switch_mode
     )
     bar[1].button("Undo last", key="review_undo", on_click=undo_last, shortcut="u")
+    bar[2].button("Re-rank now", key="review_rerank", on_click=rerank)
+    bar[2].toggle(
+        "Re-rank after each change",
+        key="review_autorank",
+        help="Refits the out-of-fold heads on cached embeddings: about a second.",
+    )
     with session_scope() as session:
         run = latest_run(session)
     if run is None:
-        bar[2].caption(
+        bar[3].caption(
             "No finished training run yet, so photos are in import order. "
             "Train one on the Train page to rank them by how confused the model is."
         )
     else:
-        bar[2].caption(
+        bar[3].caption(
             f"Ranked by run #{run.id}'s out-of-fold scores, most confused first."
         )
 

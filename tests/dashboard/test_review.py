@@ -226,3 +226,24 @@ def test_a_status_filter_in_one_photo_mode_does_not_skip_photos(trained):
     # The photo left the unreviewed list, so the next one took its place.
     assert shown_photo_ids(app) == ranked[1:2]
     assert "Photo 1 of 11" in [c.value for c in app.caption]
+
+
+def test_rerank_after_a_change_refits_the_scores_from_current_labels(trained):
+    app = open_page("review")
+    photo_id = shown_photo_ids(app)[0]
+    before = get_photo(photo_id)
+    other = {"hot_dog": "not_hot_dog", "not_hot_dog": "hot_dog"}[before.label]
+
+    app.toggle(key="review_autorank").set_value(True).run()
+    app.button(key=f"relabel-{photo_id}-{other}").click().run()
+
+    assert not app.exception
+    with session_scope(get_engine()) as session:
+        row = session.scalars(
+            select(Prediction).where(
+                Prediction.photo_id == photo_id, Prediction.kind == OOF
+            )
+        ).one()
+        # The stored row now scores the photo against its new label.
+        assert row.given_label == other
+    assert any("Re-ranked" in toast.value for toast in app.toast)
