@@ -233,7 +233,18 @@ def stage_noise(workdir: Path, seeds=(0, 1, 2), fraction: float = 0.1) -> dict:
     return summary
 
 
-STAGES = {"baselines": stage_baselines, "train": stage_train, "noise": stage_noise}
+def _stage_writeload(workdir: Path) -> dict:
+    from bench.writeload import stage_writeload
+
+    return stage_writeload(workdir)
+
+
+STAGES = {
+    "baselines": stage_baselines,
+    "train": stage_train,
+    "noise": stage_noise,
+    "writeload": _stage_writeload,
+}
 
 
 def main() -> int:

@@ -1,5 +1,8 @@
 """Label changes: confirm, relabel, exclude and undo, each with an audit row.
 
+Photos in the unlabelled split get their first label with `accept_label`,
+which moves them into the pool; undoing that puts them back.
+
 Every change is a conditional update on the photo's version, so two reviewers
 acting on the same photo cannot overwrite each other silently: the second one
 gets `StaleLabelError` carrying the label that is there now.
@@ -14,7 +17,10 @@ from db.models import (
     CONFIRMED,
     EXCLUDED,
     HOLDOUT,
+    NO_LABEL,
+    POOL,
     RELABELLED,
+    UNLABELLED,
     UNREVIEWED,
     LabelEvent,
     Photo,
@@ -23,6 +29,9 @@ from db.models import (
 logger = logging.getLogger(__name__)
 
 ACTIONS = ("confirm", "relabel", "exclude", "restore")
+# Actions that make sense before a photo has any label.
+UNLABELLED_ACTIONS = ("exclude", "restore")
+ACCEPT_SOURCE = "label"
 
 
 class StaleLabelError(Exception):
@@ -40,9 +49,15 @@ class StaleLabelError(Exception):
 
 
 def class_names(session: Session) -> list[str]:
-    """Every class known to the database: folder names and labels given since."""
-    originals = session.scalars(select(Photo.original_label).distinct()).all()
-    current = session.scalars(select(Photo.label).distinct()).all()
+    """Every class known to the database: folder names and labels given since.
+
+    Unlabelled photos add none: their empty label is not a class.
+    """
+    labelled = Photo.split != UNLABELLED
+    originals = session.scalars(
+        select(Photo.original_label).where(labelled).distinct()
+    ).all()
+    current = session.scalars(select(Photo.label).where(labelled).distinct()).all()
     return sorted(set(originals) | set(current))
 
 
@@ -70,12 +85,18 @@ def _write(
     expected_version: int,
     source: str,
     undoes_id: int | None = None,
+    split: str | None = None,
 ) -> LabelEvent:
     old_label, old_status = photo.label, photo.status
+    values = {"label": label, "status": status, "version": Photo.version + 1}
+    if split is not None:
+        # Moving between the unlabelled split and the pool: the label a photo
+        # enters the pool with is its first one; leaving it drops every label.
+        values.update(split=split, original_label=label)
     result = session.execute(
         update(Photo)
         .where(Photo.id == photo.id, Photo.version == expected_version)
-        .values(label=label, status=status, version=Photo.version + 1)
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
@@ -116,7 +137,8 @@ def apply_action(
 
     Raises:
         LookupError: no such photo.
-        ValueError: a holdout photo, an unknown action or an unknown class.
+        ValueError: a holdout photo, an unknown action or an unknown class,
+            or an unlabelled photo asked for anything but exclude or restore.
         StaleLabelError: the photo changed since `expected_version`.
     """
     photo = session.get(Photo, photo_id)
@@ -126,6 +148,11 @@ def apply_action(
         raise ValueError(
             f"photo {photo_id} ({photo.path}) is in the frozen holdout and "
             "cannot be relabelled"
+        )
+    if photo.split == UNLABELLED and action not in UNLABELLED_ACTIONS:
+        raise ValueError(
+            f"photo {photo_id} ({photo.path}) has no label yet; give it one "
+            f"with accept_label (the Label page) instead of {action!r}"
         )
     if action == "relabel" and new_label not in class_names(session):
         raise ValueError(
@@ -138,8 +165,56 @@ def apply_action(
     return event
 
 
+def accept_label(
+    session: Session,
+    photo_id: int,
+    label: str,
+    *,
+    expected_version: int | None = None,
+    source: str = ACCEPT_SOURCE,
+) -> LabelEvent:
+    """Give an unlabelled photo its first label and move it into the pool.
+
+    The photo is `confirmed` (a person chose the label), its original label
+    becomes `label`, and it trains with the next run.
+
+    Raises:
+        LookupError: no such photo.
+        ValueError: the photo already has a label, or `label` is not a class.
+        StaleLabelError: the photo changed since `expected_version`.
+    """
+    photo = session.get(Photo, photo_id)
+    if photo is None:
+        raise LookupError(f"no photo with id {photo_id}")
+    if photo.split != UNLABELLED:
+        raise ValueError(
+            f"photo {photo_id} ({photo.path}) is already labelled {photo.label!r} "
+            f"in the {photo.split}; change it with apply_action (the Review page)"
+        )
+    classes = class_names(session)
+    if label not in classes:
+        raise ValueError(f"unknown class {label!r}; expected one of {classes}")
+    version = photo.version if expected_version is None else expected_version
+    event = _write(session, photo, label, CONFIRMED, version, source, split=POOL)
+    logger.info("photo %s: first label %s, now in the pool", photo_id, label)
+    return event
+
+
+def _undo_split(event: LabelEvent) -> str | None:
+    """The split undoing `event` moves the photo to, if it moved one."""
+    if event.old_label == event.new_label:
+        return None
+    if event.old_label == NO_LABEL:
+        return UNLABELLED
+    if event.new_label == NO_LABEL:
+        return POOL
+    return None
+
+
 def undo_event(session: Session, event_id: int, source: str = "undo") -> LabelEvent:
     """Put the photo back to how it was before `event_id`, as a new event.
+
+    Undoing a first label (`accept_label`) moves the photo back out of the pool.
 
     Raises:
         LookupError: no such event.
@@ -160,6 +235,7 @@ def undo_event(session: Session, event_id: int, source: str = "undo") -> LabelEv
         photo.version,
         source,
         undoes_id=event.id,
+        split=_undo_split(event),
     )
 
 
@@ -178,12 +254,14 @@ def last_event(session: Session, source: str | None = None) -> LabelEvent | None
 
 
 __all__ = [
+    "ACCEPT_SOURCE",
     "ACTIONS",
     "CONFIRMED",
     "EXCLUDED",
     "RELABELLED",
     "UNREVIEWED",
     "StaleLabelError",
+    "accept_label",
     "apply_action",
     "class_names",
     "last_event",

@@ -13,7 +13,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 # Splits a photo can belong to.
 POOL = "pool"  # the labelling pool, offered for review and used for training
 HOLDOUT = "holdout"  # frozen test photos, never offered for relabelling
-SPLITS = (POOL, HOLDOUT)
+# New photos waiting for their first label: never trained, scored or exported
+# as a class until a person gives them one, which moves them into the pool.
+UNLABELLED = "unlabelled"
+SPLITS = (POOL, HOLDOUT, UNLABELLED)
+# The label (and original label) of a photo in the unlabelled split.
+NO_LABEL = ""
 
 # Review states of a photo.
 UNREVIEWED = "unreviewed"
@@ -126,6 +131,8 @@ class Prediction(Base):
 
     Pool photos are scored out-of-fold (`kind="oof"`): by a model that did not
     see the photo. Holdout photos are scored by the trained model itself.
+    Unlabelled photos get a suggested label (`kind="prelabel"`); they have no
+    given label, so their `score` measures how unsure the model is instead.
     """
 
     __tablename__ = "predictions"
@@ -139,7 +146,8 @@ class Prediction(Base):
     given_label: Mapped[str]
     predicted_label: Mapped[str]
     confidence: Mapped[float]
-    # Higher means more likely mislabelled: 1 - p(given label).
+    # Higher means more likely mislabelled: 1 - p(given label). For a
+    # prelabel, higher means less sure: 1 - (top minus second probability).
     score: Mapped[float]
     reason: Mapped[str] = mapped_column(default="")
 

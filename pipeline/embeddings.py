@@ -5,11 +5,15 @@ pull them towards its wrong class; they are computed once per photo (keyed by
 content hash) and kept on disk. A run's embeddings come from its fine-tuned
 network and are kept beside its weights.
 
-Every embedding is the mean of the photo's and its mirror image's pooled
-features, L2-normalised.
+The cache holds the raw pooled features of two views of each photo (as is,
+and mirrored), shape (2, 1280): training fits the new head on them while the
+body is frozen, and scoring uses their mean, L2-normalised.
 """
 
 import logging
+import os
+import tempfile
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from torch import nn
 from db.models import Photo, TrainingRun
 from db.settings import get_settings
 from pipeline.images import IMAGE_SIZE
-from pipeline.infer import embed
+from pipeline.infer import run_model
 from pipeline.model import create_model, get_device, load_weights
 
 logger = logging.getLogger(__name__)
@@ -37,45 +41,84 @@ def _imagenet_model() -> nn.Module:
 
 
 def _load_cache(path: Path) -> dict[str, np.ndarray]:
+    """The cache at `path`; an unreadable one counts as empty and is rebuilt."""
     if not path.exists():
         return {}
-    with np.load(path) as cache:
-        return dict(zip(cache["keys"].tolist(), cache["features"], strict=True))
+    try:
+        with np.load(path) as cache:
+            return dict(zip(cache["keys"].tolist(), cache["features"], strict=True))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        logger.warning("ignoring unreadable embedding cache %s: %s", path, error)
+        return {}
 
 
 def _save_cache(path: Path, cache: dict[str, np.ndarray]) -> None:
+    """Write atomically under a name of this writer's own, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.stem + ".partial.npz")
-    keys = np.array(list(cache), dtype=str)
-    np.savez(partial, keys=keys, features=np.stack(list(cache.values())))
-    partial.replace(path)
+    handle, partial = tempfile.mkstemp(
+        dir=path.parent, prefix=path.stem + ".", suffix=".partial.npz"
+    )
+    try:
+        with os.fdopen(handle, "wb") as out:
+            keys = np.array(list(cache), dtype=str)
+            np.savez(out, keys=keys, features=np.stack(list(cache.values())))
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
-def _cached(path: Path, photos: list[Photo], model_fn, size: int) -> np.ndarray:
+def _embed_views(model: nn.Module, paths: list[str], size: int) -> np.ndarray:
+    def both_views(m, x):
+        views = torch.cat([x, torch.flip(x, dims=[3])])  # (2B, 3, H, W)
+        pooled = m.forward_head(m.forward_features(views), pre_logits=True)
+        return torch.stack(pooled.chunk(2), dim=1)  # (B, 2, D)
+
+    return run_model(model, paths, size, batch_size=16, fn=both_views)
+
+
+def _cached_views(
+    path: Path, photos: list[Photo], model_fn, size: int, progress=None
+) -> np.ndarray:
+    """(N, 2, D) raw features of `photos`, computing only the missing ones."""
     cache = _load_cache(path)
     missing = [p for p in photos if p.sha256 not in cache]
     if missing:
         logger.info("embedding %d photos into %s", len(missing), path.name)
-        features = normalise(
-            embed(model_fn(), [p.path for p in missing], size, tta=True)
-        )
-        cache.update(zip([p.sha256 for p in missing], features, strict=True))
+        model = model_fn()
+        chunk = 64
+        for start in range(0, len(missing), chunk):
+            part = missing[start : start + chunk]
+            features = _embed_views(model, [p.path for p in part], size)
+            cache.update(zip([p.sha256 for p in part], features, strict=True))
+            if progress is not None:
+                progress(min(start + chunk, len(missing)) / len(missing))
         _save_cache(path, cache)
     if not photos:
-        return np.zeros((0, 0), dtype=np.float32)
+        return np.zeros((0, 2, 0), dtype=np.float32)
     return np.stack([cache[p.sha256] for p in photos])
 
 
+def _imagenet_path(size: int) -> Path:
+    return get_settings().artifact_dir / "embeddings" / f"imagenet-{size}.npz"
+
+
+def imagenet_views(
+    photos: list[Photo], size: int = IMAGE_SIZE, progress=None
+) -> np.ndarray:
+    """(N, 2, 1280) raw ImageNet features of each photo and its mirror image."""
+    return _cached_views(_imagenet_path(size), photos, _imagenet_model, size, progress)
+
+
 def imagenet_embeddings(photos: list[Photo], size: int = IMAGE_SIZE) -> np.ndarray:
-    """(N, 1280) ImageNet embeddings of `photos`, computing only the new ones."""
-    path = get_settings().artifact_dir / "embeddings" / f"imagenet-{size}.npz"
-    return _cached(path, photos, _imagenet_model, size)
+    """(N, 1280) unit-length ImageNet embeddings, for ranking and duplicates."""
+    return normalise(imagenet_views(photos, size).mean(axis=1))
 
 
 def run_embeddings(
     run: TrainingRun, photos: list[Photo], model: nn.Module | None = None
 ) -> np.ndarray:
-    """(N, 1280) embeddings of `photos` by run `run`'s fine-tuned network."""
+    """(N, 1280) unit-length embeddings of `photos` by run `run`'s network."""
     if run.artifact_path is None:
         raise ValueError(f"run {run.id} has no saved model to embed with")
     path = Path(run.artifact_path).with_name("embeddings.npz")
@@ -85,5 +128,5 @@ def run_embeddings(
             return model
         return load_weights(run.artifact_path, len(run.classes)).to(get_device())
 
-    with torch.inference_mode():
-        return _cached(path, photos, model_fn, run.config.get("image_size", IMAGE_SIZE))
+    size = run.config.get("image_size", IMAGE_SIZE)
+    return normalise(_cached_views(path, photos, model_fn, size).mean(axis=1))

@@ -1,25 +1,32 @@
 """Import a class-folder photo set into the database.
 
 `DATA_DIR/train/<class>/*` becomes the labelling pool, with the folder name as
-the label; `DATA_DIR/test/<class>/*` becomes the frozen holdout. Files are
-identified by the SHA-256 of their bytes, so importing again adds nothing
-twice. A file that cannot be read as an image is recorded in `skipped_files`
-with the reason, and the import goes on; once it imports, that record goes.
+the label; `DATA_DIR/test/<class>/*` becomes the frozen holdout, and files
+anywhere under `DATA_DIR/unlabelled/` join the unlabelled split with no label
+(`NO_LABEL`) until a person gives them one. Class names are stored in Unicode
+NFC form, so a folder copied from a Mac (which names files in NFD) gives the
+same class as one made elsewhere. Files are identified by the SHA-256 of their
+bytes, so importing again adds nothing twice. A file that cannot be read as
+an image is recorded in `skipped_files` with the reason, and the import goes
+on; once it imports, that record goes.
 """
 
 import logging
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from db.models import HOLDOUT, POOL, Photo, SkippedFile
+from db.models import HOLDOUT, NO_LABEL, POOL, UNLABELLED, Photo, SkippedFile
 from pipeline.images import BadImageError, dhash, file_sha256, load_rgb
 
 logger = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = {"train": POOL, "test": HOLDOUT}
+UNLABELLED_FOLDER = "unlabelled"
 
 
 @dataclass
@@ -29,6 +36,8 @@ class IngestReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     classes: dict[str, int] = field(default_factory=dict)
     empty_folders: list[str] = field(default_factory=list)
+    # Files found under unlabelled/, imported or known before.
+    unlabelled: int = 0
 
     def summary(self) -> str:
         text = (
@@ -39,6 +48,8 @@ class IngestReport:
             text += f"\n  skipped {path}: {reason}"
         for folder in self.empty_folders:
             text += f"\n  class folder {folder} holds no files"
+        if self.unlabelled:
+            text += f"\n  {self.unlabelled} files under unlabelled/ await a label"
         return text
 
 
@@ -49,8 +60,12 @@ def _class_folders(split_dir: Path) -> list[Path]:
 
 
 def _files(class_dir: Path) -> list[Path]:
+    """Files in `class_dir`, including broken links, so that they get reported."""
     return sorted(
-        p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
+        p
+        for p in class_dir.rglob("*")
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and not p.name.startswith(".")
     )
 
 
@@ -71,8 +86,14 @@ def _record_skip(
     logger.warning("skipped %s: %s", path, reason)
 
 
+def class_name(folder: Path) -> str:
+    """The label a class folder gives its photos: its name, in NFC form."""
+    return unicodedata.normalize("NFC", folder.name)
+
+
 def ingest_folder(session: Session, data_dir: str | Path) -> IngestReport:
-    """Import every photo under `data_dir/train` and `data_dir/test`.
+    """Import every photo under `data_dir/train`, `data_dir/test` and
+    `data_dir/unlabelled`.
 
     Raises:
         FileNotFoundError: `data_dir` or its `train/` folder is missing.
@@ -98,7 +119,7 @@ def ingest_folder(session: Session, data_dir: str | Path) -> IngestReport:
         if not split_dir.is_dir():
             continue
         for class_dir in _class_folders(split_dir):
-            label = class_dir.name
+            label = class_name(class_dir)
             files = _files(class_dir)
             if not files:
                 report.empty_folders.append(_printable(class_dir))
@@ -107,8 +128,30 @@ def ingest_folder(session: Session, data_dir: str | Path) -> IngestReport:
                 _ingest_file(session, path, split, label, known, report)
             if split == POOL:
                 report.classes[label] = report.classes.get(label, 0) + len(files)
+    unlabelled_dir = data_dir / UNLABELLED_FOLDER
+    if unlabelled_dir.is_dir():
+        files = _files(unlabelled_dir)
+        for path in files:
+            _ingest_file(session, path, UNLABELLED, NO_LABEL, known, report)
+        report.unlabelled = len(files)
     session.flush()
     logger.info(report.summary().splitlines()[0])
+    return report
+
+
+def ingest_files(
+    session: Session, paths: Iterable[str | Path], split: str, label: str
+) -> IngestReport:
+    """Import the given files (such as uploads) into `split` with `label`.
+
+    The same rules as `ingest_folder`: known content is not added twice, and a
+    file that cannot be used is recorded in `skipped_files` with the reason.
+    """
+    report = IngestReport()
+    known = _KnownPhotos(session)
+    for path in paths:
+        _ingest_file(session, Path(path).resolve(), split, label, known, report)
+    session.flush()
     return report
 
 

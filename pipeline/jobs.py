@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -146,6 +147,18 @@ class _JobReporter:
             get_settings().database_url, busy_timeout_ms=1000
         )
 
+    def beat_until(self, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_SECONDS * 2):
+            try:
+                with session_scope(self.engine) as session:
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id)
+                        .values(heartbeat=utcnow())
+                    )
+            except OperationalError as error:
+                logger.debug("job %s: heartbeat not written (%s)", self.job_id, error)
+
     def __call__(self, fraction: float, message: str) -> bool:
         now = time.monotonic()
         if now - self.last_write < HEARTBEAT_SECONDS and fraction < 1.0:
@@ -178,7 +191,13 @@ def run_job(job_id: int) -> str:
         job.pid = os.getpid()
         kind, params = job.kind, dict(job.params)
 
-    progress = Progress(_JobReporter(job_id))
+    reporter = _JobReporter(job_id)
+    progress = Progress(reporter)
+    # Heartbeats come from a thread of their own, so that a long phase that
+    # reports no progress (embedding, scoring) still shows a live worker.
+    stop = threading.Event()
+    beat = threading.Thread(target=reporter.beat_until, args=(stop,), daemon=True)
+    beat.start()
     state, message, result = FAILED, "", {}
     try:
         with session_scope(engine) as session:
@@ -205,6 +224,8 @@ def run_job(job_id: int) -> str:
     except Exception as error:  # the job row is the only place a user sees it
         logger.error("job %s failed:\n%s", job_id, traceback.format_exc())
         state, message = FAILED, f"{type(error).__name__}: {error}"
+    stop.set()
+    beat.join()
     with session_scope(engine) as session:
         job = session.get(Job, job_id)
         job.state, job.message, job.finished_at = state, message, utcnow()

@@ -22,6 +22,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.progress import ProgressCallback  # noqa: F401  (no_bar)
 from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import ColReader, IndexSplitter, Normalize
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
@@ -46,6 +47,7 @@ from db.models import (
     utcnow,
 )
 from db.settings import get_settings
+from pipeline.embeddings import imagenet_views
 from pipeline.images import MEAN, STD, BadImageError, load_rgb, resize_short
 from pipeline.infer import predict_probs
 from pipeline.model import body_and_head, create_model, get_device, save_weights
@@ -63,13 +65,15 @@ class TrainConfig:
 
     image_size: int = 224
     batch_size: int = 32
-    frozen_epochs: int = 2
+    frozen_epochs: int = 10
     unfrozen_epochs: int = 1
-    head_lr: float = 3e-3
+    head_lr: float = 1e-2
     body_lr: float = 1e-4
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     tta: bool = True
+    # Train the head on cached body features instead of frozen image epochs.
+    head_on_features: bool = True
     folds: int = 10
     seed: int = 42
     # Only for quick trials and tests: at most this many pool/holdout photos
@@ -154,36 +158,28 @@ class _FrozenBatchNorm(Callback):
 
 
 class _ReportProgress(Callback):
-    """Forward fastai's batch counter to a `Progress` and honour cancellation."""
+    """Forward fastai's batch counter to a `Progress` and honour cancellation.
+
+    The fit's progress is mapped onto the fraction range [start, end].
+    """
 
     order = 50
 
-    def __init__(
-        self,
-        progress: Progress,
-        done_epochs: int,
-        total_epochs: int,
-        share: float,
-        phase: str,
-    ):
+    def __init__(self, progress: Progress, start: float, end: float, phase: str):
         self.progress = progress
-        self.done_epochs = done_epochs
-        self.total_epochs = total_epochs
-        self.share = share
+        self.start, self.end = start, end
         self.phase = phase
 
     def after_batch(self):
         if not self.training:
             return
-        epoch = self.done_epochs + self.epoch + (self.iter + 1) / self.n_iter
-        fraction = self.share * epoch / self.total_epochs
+        done = (self.epoch + (self.iter + 1) / self.n_iter) / self.n_epoch
         loss = float(self.smooth_loss) if self.smooth_loss is not None else 0.0
         message = (
-            f"{self.phase}: epoch {self.done_epochs + self.epoch + 1}/"
-            f"{self.total_epochs}, batch {self.iter + 1}/{self.n_iter}, "
-            f"loss {loss:.3f}"
+            f"{self.phase}: epoch {self.epoch + 1}/{self.n_epoch}, "
+            f"batch {self.iter + 1}/{self.n_iter}, loss {loss:.3f}"
         )
-        if self.progress(fraction, message):
+        if self.progress(self.start + (self.end - self.start) * done, message):
             raise CancelFitException()
 
 
@@ -229,32 +225,85 @@ def build_dataloaders(
     return loaders, len(rows)
 
 
-def fit(learner: Learner, config: TrainConfig, progress: Progress, share: float):
-    """Head first with the body frozen, then all layers with smaller rates."""
-    total = config.frozen_epochs + config.unfrozen_epochs
+def _check_cancel(progress: Progress) -> None:
+    if progress.cancelled:
+        raise CancelledError("training cancelled")
 
-    # Phase 1: only the new head learns.
-    if config.frozen_epochs:
-        learner.freeze()
-        cb = _ReportProgress(progress, 0, total, share, "head")
+
+def fit_head_on_features(
+    model: nn.Module,
+    photos: list[Photo],
+    classes: list[str],
+    config: TrainConfig,
+    progress: Progress,
+    device: torch.device,
+) -> None:
+    """Phase 1: train the new head alone on the frozen body's cached features.
+
+    With the body frozen and its BatchNorm in eval mode, the body's output for
+    a given view of a photo never changes, so it is computed once per photo
+    (the photo and its mirror image, shared with the ranking's cache) and
+    the head trains on it for many epochs in about a second.
+    """
+    views = imagenet_views(
+        photos,
+        config.image_size,
+        progress=lambda f: progress(0.3 * f, f"embedding {len(photos)} photos"),
+    )  # (N, 2, D)
+    _check_cancel(progress)
+    index = {name: i for i, name in enumerate(classes)}
+    labels = torch.tensor([index[p.label] for p in photos]).repeat_interleave(2)
+    features = torch.from_numpy(views.reshape(-1, views.shape[-1]))  # (2N, D)
+    head = nn.Sequential(nn.Dropout(model.drop_rate), model.get_classifier())
+    loaders = DataLoaders(
+        TfmdDL(
+            list(zip(features, labels, strict=True)),
+            bs=64,
+            shuffle=True,
+            drop_last=len(labels) > 64,
+            device=device,
+        ),
+        TfmdDL([], bs=64, device=device),
+        device=device,
+    )
+    learner = Learner(
+        loaders,
+        head,
+        loss_func=CrossEntropyLossFlat(label_smoothing=config.label_smoothing),
+        cbs=[_SkipValidation()],
+    )
+    cb = _ReportProgress(progress, 0.3, 0.35, "head")
+    with learner.no_bar(), learner.no_logging():
         learner.fit_one_cycle(
             config.frozen_epochs, config.head_lr, wd=config.weight_decay, cbs=[cb]
         )
-        if progress.cancelled:
-            raise CancelledError("training cancelled")
+    _check_cancel(progress)
+
+
+def fit(
+    learner: Learner, config: TrainConfig, progress: Progress, head_done: bool
+) -> None:
+    """Head first with the body frozen (unless already done), then all layers."""
+    # Phase 1: only the new head learns, on images.
+    if config.frozen_epochs and not head_done:
+        learner.freeze()
+        cb = _ReportProgress(progress, 0.0, 0.35, "head")
+        learner.fit_one_cycle(
+            config.frozen_epochs, config.head_lr, wd=config.weight_decay, cbs=[cb]
+        )
+        _check_cancel(progress)
 
     # Phase 2: the whole network, the body at a tenth of the head's rate or less.
     if config.unfrozen_epochs:
         learner.unfreeze()
-        cb = _ReportProgress(progress, config.frozen_epochs, total, share, "all")
+        cb = _ReportProgress(progress, 0.35, 0.85, "all layers")
         learner.fit_one_cycle(
             config.unfrozen_epochs,
             slice(config.body_lr, config.head_lr / 10),
             wd=config.weight_decay,
             cbs=[cb],
         )
-        if progress.cancelled:
-            raise CancelledError("training cancelled")
+        _check_cancel(progress)
 
 
 def evaluate(
@@ -325,14 +374,20 @@ def train_run(
     )
 
     try:
+        started = time.perf_counter()
+        model = create_model(len(classes)).to(device)
+
+        # Phase 1 on cached features, when the recipe says so.
+        head_done = config.head_on_features and config.frozen_epochs > 0
+        if head_done:
+            fit_head_on_features(model, pool, classes, config, progress, device)
+
         # Build data loaders.
-        progress(0.0, f"decoding {len(pool)} photos")
+        progress(0.35 if head_done else 0.0, f"decoding {len(pool)} photos")
         loaders, n_used = build_dataloaders(pool, classes, config, device)
         run.n_train = n_used
 
         # Fit.
-        started = time.perf_counter()
-        model = create_model(len(classes)).to(device)
         learner = Learner(
             loaders,
             model,
@@ -342,7 +397,7 @@ def train_run(
             cbs=[_SkipValidation(), _FrozenBatchNorm()],
         )
         with learner.no_bar(), learner.no_logging():
-            fit(learner, config, progress, share=0.85)
+            fit(learner, config, progress, head_done)
         train_seconds = time.perf_counter() - started
 
         # Evaluate on the holdout.
@@ -359,6 +414,8 @@ def train_run(
         weights = run_dir / "model.pt"
         save_weights(model, weights)
         run.artifact_path = str(weights)
+        # Commit now: scoring reads for a while, and must not hold the write lock.
+        session.commit()
         (run_dir / "config.json").write_text(
             json.dumps({"config": asdict(config), "classes": classes}, indent=2)
         )
