@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from sqlalchemy import select
 
@@ -14,9 +16,11 @@ from db.models import (
     Photo,
 )
 
+_SERIAL = itertools.count(1)
 
-def _photo(session, label, split=POOL, n=[0]):
-    n[0] += 1
+
+def _photo(session, label, split=POOL):
+    n = [next(_SERIAL)]
     photo = Photo(
         sha256=f"{n[0]:064d}",
         path=f"/photos/{n[0]}.jpg",
