@@ -251,6 +251,9 @@ def fit_head_on_features(
         progress=lambda f: progress(0.3 * f, f"embedding {len(photos)} photos"),
     )  # (N, 2, D)
     _check_cancel(progress)
+    # Computing features may have built a model (and drawn random numbers) or
+    # not, if they were cached; reseed so both cases train alike.
+    seed_everything(config.seed)
     index = {name: i for i, name in enumerate(classes)}
     labels = torch.tensor([index[p.label] for p in photos]).repeat_interleave(2)
     features = torch.from_numpy(views.reshape(-1, views.shape[-1]))  # (2N, D)
@@ -386,6 +389,7 @@ def train_run(
         progress(0.35 if head_done else 0.0, f"decoding {len(pool)} photos")
         loaders, n_used = build_dataloaders(pool, classes, config, device)
         run.n_train = n_used
+        seed_everything(config.seed + 1)
 
         # Fit.
         learner = Learner(

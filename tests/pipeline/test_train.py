@@ -131,3 +131,21 @@ def test_cancelling_stops_training_and_marks_the_run(engine, small_set):
 def test_unknown_setting_is_named():
     with pytest.raises(ValueError, match="epochz"):
         TrainConfig.from_dict({"epochz": 3})
+
+
+def test_the_same_seed_gives_the_same_run(engine, small_set):
+    config = TrainConfig(**{**QUICK, "unfrozen_epochs": 1})
+    with session_scope(engine) as session:
+        ingest_folder(session, small_set)
+        first = train_run(session, config)
+        second = train_run(session, config)
+        assert first.metrics["accuracy_holdout"] == second.metrics["accuracy_holdout"]
+        probs = [
+            [
+                row.probs
+                for row in sorted(run.predictions, key=lambda r: r.photo_id)
+                if row.kind == "holdout"
+            ]
+            for run in (first, second)
+        ]
+    assert np.allclose(probs[0], probs[1], atol=1e-4)
