@@ -239,7 +239,14 @@ def _stage_writeload(workdir: Path) -> dict:
     return stage_writeload(workdir)
 
 
+def _stage_review(workdir: Path) -> dict:
+    from bench.review import stage_review
+
+    return stage_review(workdir)
+
+
 STAGES = {
+    "review": _stage_review,
     "baselines": stage_baselines,
     "train": stage_train,
     "noise": stage_noise,

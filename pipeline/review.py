@@ -1,20 +1,28 @@
-"""What the review dashboard reads: the review queue, the audit trail, counts.
+"""The review dashboard's queries (queue, audit trail, counts) and bulk actions.
 
 The review queue ranks pool photos by the latest finished run's out-of-fold
 score (1 - p(given label)), most confused first; photos that run did not score
 come after them, by id. The order comes from the stored scores, so it stays
 put while a reviewer works through it and changes only when a run rescores.
 Holdout photos never appear: they are the frozen test set.
+
+A bulk action is one `apply_action` per photo, each on the version the page
+showed and committed on its own, so a photo someone else changed meanwhile is
+skipped and reported without holding back the rest.
 """
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, aliased
 
+from db.engine import session_scope
+from db.labels import StaleLabelError, apply_action
 from db.models import (
     POOL,
     QUEUED,
@@ -221,6 +229,93 @@ def thumbnail(path: str | Path, sha256: str, side: int = THUMBNAIL_SIDE) -> Path
     image.save(partial, "JPEG", quality=85)
     partial.replace(target)
     return target
+
+
+# What each bulk action reads as in a report, past tense.
+BULK_ACTIONS = {"confirm": "Confirmed", "relabel": "Relabelled", "exclude": "Excluded"}
+
+
+@dataclass
+class BulkResult:
+    """What one action on many photos did, photo by photo."""
+
+    action: str
+    new_label: str | None = None
+    done: list[int] = field(default_factory=list)
+    # Photos changed by someone else since they were shown: nothing saved.
+    stale: list[StaleLabelError] = field(default_factory=list)
+    # (photo id, why) for photos the action cannot apply to.
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def attempted(self) -> int:
+        return len(self.done) + len(self.stale) + len(self.failed)
+
+    def summary(self) -> str:
+        """One paragraph for the reviewer: counts first, then each photo not saved."""
+        target = f" to {self.new_label}" if self.action == "relabel" else ""
+        text = (
+            f"{BULK_ACTIONS[self.action]} {len(self.done)} of {self.attempted} "
+            f"selected photos{target}."
+        )
+        if self.stale:
+            photos = ", ".join(
+                f"#{error.photo_id} (now **{error.label}**, {error.status})"
+                for error in self.stale
+            )
+            text += f" Not saved, changed since this page showed them: {photos}."
+        if self.failed:
+            reasons = "; ".join(f"#{photo_id}: {why}" for photo_id, why in self.failed)
+            text += f" Not saved: {reasons}."
+        return text
+
+
+def apply_to_many(
+    action: str,
+    shown: Sequence[tuple[int, int]],
+    new_label: str | None = None,
+    source: str = "review",
+    engine: Engine | None = None,
+) -> BulkResult:
+    """Apply one action to each (photo id, version shown) pair, one commit each.
+
+    A photo changed since it was shown, or one the action cannot apply to,
+    is reported and skipped; the others are still saved.
+
+    Raises:
+        ValueError: `action` is not one of `BULK_ACTIONS`.
+    """
+    if action not in BULK_ACTIONS:
+        raise ValueError(
+            f"unknown bulk action {action!r}; expected one of {list(BULK_ACTIONS)}"
+        )
+    result = BulkResult(action=action, new_label=new_label)
+    for photo_id, version in shown:
+        try:
+            with session_scope(engine) as session:
+                apply_action(
+                    session,
+                    photo_id,
+                    action,
+                    new_label=new_label,
+                    expected_version=version,
+                    source=source,
+                )
+        except StaleLabelError as error:
+            result.stale.append(error)
+        except (LookupError, ValueError) as error:
+            result.failed.append((photo_id, str(error)))
+        else:
+            result.done.append(photo_id)
+    logger.info(
+        "%s on %d photos: %d saved, %d stale, %d failed",
+        action,
+        result.attempted,
+        len(result.done),
+        len(result.stale),
+        len(result.failed),
+    )
+    return result
 
 
 @dataclass(frozen=True)

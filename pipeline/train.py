@@ -15,6 +15,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 import numpy as np
@@ -65,9 +66,9 @@ class TrainConfig:
 
     image_size: int = 224
     batch_size: int = 32
-    frozen_epochs: int = 10
+    frozen_epochs: int = 20
     unfrozen_epochs: int = 1
-    head_lr: float = 1e-2
+    head_lr: float = 3e-3
     body_lr: float = 1e-4
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
@@ -106,7 +107,14 @@ def select_photos(session: Session, split: str, max_per_class: int | None):
     """Photos of `split` that take part in training or evaluation."""
     query = select(Photo).where(Photo.split == split).order_by(Photo.id)
     photos = limit_per_class(list(session.scalars(query)), max_per_class)
-    return [p for p in photos if p.status != EXCLUDED]
+    missing = {p.path for p in photos if not Path(p.path).is_file()}
+    if missing:
+        logger.warning(
+            "%d photos are gone from disk and left out: %s",
+            len(missing),
+            sorted(missing)[:5],
+        )
+    return [p for p in photos if p.status != EXCLUDED and p.path not in missing]
 
 
 def check_trainable(photos: list[Photo], classes: list[str]) -> None:
@@ -385,23 +393,21 @@ def train_run(
         if head_done:
             fit_head_on_features(model, pool, classes, config, progress, device)
 
-        # Build data loaders.
-        progress(0.35 if head_done else 0.0, f"decoding {len(pool)} photos")
-        loaders, n_used = build_dataloaders(pool, classes, config, device)
-        run.n_train = n_used
-        seed_everything(config.seed + 1)
-
-        # Fit.
-        learner = Learner(
-            loaders,
-            model,
-            loss_func=CrossEntropyLossFlat(label_smoothing=config.label_smoothing),
-            splitter=body_and_head,
-            train_bn=False,
-            cbs=[_SkipValidation(), _FrozenBatchNorm()],
-        )
-        with learner.no_bar(), learner.no_logging():
-            fit(learner, config, progress, head_done)
+        # Build data loaders and fit, unless the head alone was the recipe.
+        if config.unfrozen_epochs or not head_done:
+            progress(0.35 if head_done else 0.0, f"decoding {len(pool)} photos")
+            loaders, run.n_train = build_dataloaders(pool, classes, config, device)
+            seed_everything(config.seed + 1)
+            learner = Learner(
+                loaders,
+                model,
+                loss_func=CrossEntropyLossFlat(label_smoothing=config.label_smoothing),
+                splitter=body_and_head,
+                train_bn=False,
+                cbs=[_SkipValidation(), _FrozenBatchNorm()],
+            )
+            with learner.no_bar(), learner.no_logging():
+                fit(learner, config, progress, head_done)
         train_seconds = time.perf_counter() - started
 
         # Evaluate on the holdout.
@@ -426,7 +432,16 @@ def train_run(
 
         # Score every pool photo out-of-fold, and record.
         progress(0.92, "scoring pool photos out-of-fold")
-        score_run(session, run, model, holdout=holdout, holdout_probs=holdout_probs)
+        # A body that never trained embeds like the ImageNet one: nothing to add.
+        body_trained = config.unfrozen_epochs > 0 or not head_done
+        score_run(
+            session,
+            run,
+            model,
+            holdout=holdout,
+            holdout_probs=holdout_probs,
+            thorough=body_trained,
+        )
         run.metrics = metrics
         run.train_seconds = round(train_seconds, 2)
         run.status = DONE

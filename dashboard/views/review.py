@@ -2,22 +2,29 @@
 
 Every click is one `apply_action` on the version of the photo the page showed,
 committed at once; if someone changed the photo in between, nothing is saved
-and the page says what the label is now.
+and the page says what the label is now. A bulk action on the selected cards
+is the same, photo by photo, and reports which photos were not saved.
+
+The grid can show the latest run's Grad-CAM heat maps instead of the photos,
+to see whether a prediction rests on the food or on the background.
 """
 
 import math
 import time
+from pathlib import Path
 
 import streamlit as st
 
 from db.engine import session_scope
 from db.labels import StaleLabelError, apply_action, class_names, last_event, undo_event
-from db.models import CONFIRMED, EXCLUDED, STATUSES, LabelEvent
+from db.models import CONFIRMED, EXCLUDED, STATUSES, LabelEvent, TrainingRun
+from pipeline.heatmap import heatmap_overlay
 from pipeline.images import BadImageError
 from pipeline.review import (
     REASON_KINDS,
     ReviewFilters,
     ReviewItem,
+    apply_to_many,
     queue_position,
     review_queue,
     thumbnail,
@@ -36,6 +43,15 @@ CLASS_KEYS = "123456789"
 @st.cache_data(max_entries=1000, show_spinner=False)
 def thumbnail_bytes(path: str, sha256: str) -> bytes:
     return thumbnail(path, sha256).read_bytes()
+
+
+# Keyed by the model file, which names the run unambiguously even across
+# databases; `_run` itself is not hashed.
+@st.cache_data(max_entries=1000, show_spinner="Working out where the model looked…")
+def heatmap_bytes(
+    artifact_path: str, path: str, sha256: str, _run: TrainingRun
+) -> bytes:
+    return heatmap_overlay(_run, path, sha256).read_bytes()
 
 
 def _flash(kind: str, text: str) -> None:
@@ -91,6 +107,38 @@ def act(photo_id: int, action: str, version: int, new_label: str | None = None) 
     _flash("success", _summary(event))
     st.session_state["review_acted_on"] = photo_id
     _after_change()
+
+
+def _selection_key(photo_id: int) -> str:
+    return f"select-{photo_id}"
+
+
+def _selected(shown: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    return [
+        (photo_id, version)
+        for photo_id, version in shown
+        if st.session_state.get(_selection_key(photo_id))
+    ]
+
+
+def _select(photo_ids: tuple[int, ...], value: bool) -> None:
+    for photo_id in photo_ids:
+        st.session_state[_selection_key(photo_id)] = value
+
+
+def act_on_selected(
+    shown: tuple[tuple[int, int], ...], action: str, new_label: str | None = None
+) -> None:
+    """Apply one action to every selected card, each on the version it showed."""
+    result = apply_to_many(action, _selected(shown), new_label=new_label, source=SOURCE)
+    # Photos not saved stay selected, so the reviewer sees which they were.
+    _select(tuple(result.done), False)
+    if result.stale or result.failed:
+        _flash("warning", result.summary())
+    else:
+        _flash("success", result.summary())
+    if result.done:
+        _after_change()
 
 
 def rerank() -> None:
@@ -177,9 +225,17 @@ def _filter_bar(classes: list[str]) -> ReviewFilters:
     return ReviewFilters(**values)
 
 
-def _show_photo(item: ReviewItem, width: int | str) -> None:
+def _show_photo(
+    item: ReviewItem, width: int | str, heatmap_run: TrainingRun | None = None
+) -> None:
     try:
-        st.image(thumbnail_bytes(item.path, item.sha256), width=width)
+        if heatmap_run is None:
+            picture = thumbnail_bytes(item.path, item.sha256)
+        else:
+            picture = heatmap_bytes(
+                heatmap_run.artifact_path, item.path, item.sha256, heatmap_run
+            )
+        st.image(picture, width=width)
     except (BadImageError, OSError) as error:
         st.warning(f"Cannot show {item.path}: {error}")
 
@@ -239,7 +295,61 @@ def _action_buttons(item: ReviewItem, classes: list[str], keyboard: bool) -> Non
     )
 
 
-def _grid_view(filters: ReviewFilters, classes: list[str], show: int | None) -> None:
+def _bulk_bar(items: list[ReviewItem], classes: list[str]) -> None:
+    """Select cards on this page and apply one action to all of them."""
+    shown = tuple((item.photo_id, item.version) for item in items)
+    ids = tuple(item.photo_id for item in items)
+    count = len(_selected(shown))
+    bar = st.columns([1, 1, 1, 2, 2, 2, 2], vertical_alignment="center")
+    bar[0].caption(f"{count} selected")
+    bar[1].button(
+        "Select all", key="review_select_all", on_click=_select, args=(ids, True)
+    )
+    bar[2].button(
+        "Clear",
+        key="review_select_none",
+        on_click=_select,
+        args=(ids, False),
+        disabled=count == 0,
+    )
+    bar[3].button(
+        "Confirm selected",
+        key="review_bulk_confirm",
+        on_click=act_on_selected,
+        args=(shown, "confirm"),
+        disabled=count == 0,
+        width="stretch",
+    )
+    target = bar[4].selectbox(
+        "Relabel selected to",
+        classes,
+        key="review_bulk_label",
+        label_visibility="collapsed",
+    )
+    bar[5].button(
+        f"Relabel selected to {target}",
+        key="review_bulk_relabel",
+        on_click=act_on_selected,
+        args=(shown, "relabel", target),
+        disabled=count == 0,
+        width="stretch",
+    )
+    bar[6].button(
+        "Exclude selected",
+        key="review_bulk_exclude",
+        on_click=act_on_selected,
+        args=(shown, "exclude"),
+        disabled=count == 0,
+        width="stretch",
+    )
+
+
+def _grid_view(
+    filters: ReviewFilters,
+    classes: list[str],
+    show: int | None,
+    heatmap_run: TrainingRun | None,
+) -> None:
     page = st.session_state.get("review_page", 1)
     with session_scope() as session:
         position = None if show is None else queue_position(session, show, filters)
@@ -276,19 +386,25 @@ def _grid_view(filters: ReviewFilters, classes: list[str], show: int | None) -> 
     nav[2].number_input("Page", min_value=1, max_value=pages, key="review_page")
     last = first + len(queue.items) - 1
     nav[3].caption(f"Photos {first}–{last} of {queue.total} · page {page} of {pages}")
+    _bulk_bar(queue.items, classes)
 
     for start in range(0, len(queue.items), COLUMNS):
         columns = st.columns(COLUMNS)
         row = queue.items[start : start + COLUMNS]
         for column, item in zip(columns, row, strict=False):
             with column.container(border=True):
-                _show_photo(item, "stretch")
+                st.checkbox("Select", key=_selection_key(item.photo_id))
+                _show_photo(item, "stretch", heatmap_run)
                 _describe_item(item)
                 _action_buttons(item, classes, keyboard=False)
 
 
 def _focus_view(
-    filters: ReviewFilters, classes: list[str], acted_on: int | None, show: int | None
+    filters: ReviewFilters,
+    classes: list[str],
+    acted_on: int | None,
+    show: int | None,
+    heatmap_run: TrainingRun | None,
 ) -> None:
     index = st.session_state.get("review_focus_index", 0)
     with session_scope() as session:
@@ -313,7 +429,7 @@ def _focus_view(
     item = queue.items[0]
     left, right = st.columns([3, 2])
     with left:
-        _show_photo(item, 480)
+        _show_photo(item, 480, heatmap_run)
     with right:
         st.caption(f"Photo {index + 1} of {queue.total}")
         _describe_item(item)
@@ -343,6 +459,20 @@ def _focus_view(
         st.caption(f"Keys: {keys} · x exclude/restore · u undo · j next · k previous")
 
 
+def _heatmap_run(run: TrainingRun | None) -> TrainingRun | None:
+    """The run whose heat maps to show, or None (with a note why) for photos."""
+    if run is None:
+        st.info("Heat maps need a trained model: train one on the Train page.")
+        return None
+    if not run.artifact_path or not Path(run.artifact_path).is_file():
+        st.warning(
+            f"Run #{run.id}'s model file is missing ({run.artifact_path}), so there "
+            "are no heat maps; train again to get them."
+        )
+        return None
+    return run
+
+
 def review_page() -> None:
     st.title("Review")
     with session_scope() as session:
@@ -361,6 +491,13 @@ def review_page() -> None:
     bar = st.columns([2, 2, 2, 4])
     focus = bar[0].toggle(
         "One photo at a time", key="review_focus", on_change=_switch_mode
+    )
+    heatmaps = bar[0].toggle(
+        "Show where the model looked",
+        key="review_heatmap",
+        help="Grad-CAM of the latest run: warm colours mark the parts of the "
+        "photo that pushed it towards its predicted class. Dimmed margins were "
+        "cropped off before the model saw the photo.",
     )
     bar[1].button("Undo last", key="review_undo", on_click=undo_last, shortcut="u")
     bar[2].button("Re-rank now", key="review_rerank", on_click=rerank)
@@ -381,10 +518,11 @@ def review_page() -> None:
             f"Ranked by run #{run.id}'s out-of-fold scores, most confused first."
         )
 
+    heatmap_run = _heatmap_run(run) if heatmaps else None
     if focus:
-        _focus_view(filters, classes, acted_on, show)
+        _focus_view(filters, classes, acted_on, show, heatmap_run)
     else:
-        _grid_view(filters, classes, show)
+        _grid_view(filters, classes, show, heatmap_run)
 
 
 review_page()
