@@ -89,6 +89,7 @@ def main() -> None:
             st.Page(
                 PAGES_DIR / "review.py", title="Review", icon=":material/rate_review:"
             ),
+            st.Page(PAGES_DIR / "label.py", title="Label", icon=":material/label:"),
             st.Page(
                 PAGES_DIR / "train.py", title="Train", icon=":material/model_training:"
             ),

@@ -1,6 +1,8 @@
-"""Command line: `python -m pipeline ingest | train | score | export | worker`.
+"""Command line: `python -m pipeline <command>`.
 
-Each command calls the same functions as the dashboard.
+Commands: ingest, train, score, export, export-data, upload, prelabel, accept
+(and worker, which runs a background job). Each calls the same functions as
+the dashboard.
 """
 
 import argparse
@@ -71,6 +73,57 @@ def _export(args) -> int:
                 indent=2,
             )
         )
+    return 0
+
+
+def _export_data(args) -> int:
+    from pipeline.export_data import export_dataset, new_dataset_dir
+
+    out_dir = args.out or new_dataset_dir()
+    with session_scope(get_engine()) as session:
+        summary = export_dataset(session, out_dir)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _upload(args) -> int:
+    from pathlib import Path
+
+    from pipeline.unlabelled import ADDED, REFUSED, add_uploads
+
+    files = [(Path(name).name, Path(name).read_bytes()) for name in args.files]
+    with session_scope(get_engine()) as session:
+        results = add_uploads(session, files)
+    for result in results:
+        if result.outcome == ADDED:
+            print(f"{result.name}: added as photo #{result.photo_id}")
+        elif result.outcome == REFUSED:
+            print(f"{result.name}: refused: {result.reason}")
+        else:
+            print(f"{result.name}: {result.reason}")
+    return 1 if any(r.outcome == REFUSED for r in results) else 0
+
+
+def _prelabel(args) -> int:
+    from pipeline.runs import get_run
+    from pipeline.unlabelled import label_queue, prelabel
+
+    with session_scope(get_engine()) as session:
+        run = get_run(session, args.run)
+        count = prelabel(session, run, redo=args.redo)
+        queue = label_queue(session, limit=args.show, run_id=run.id)
+    print(f"run {run.id}: suggested labels for {count} photos; {queue.total} to label")
+    for item in queue.items:
+        print(f"  #{item.photo_id} {item.reason or '-'}  {item.path}")
+    return 0
+
+
+def _accept(args) -> int:
+    from pipeline.unlabelled import accept
+
+    with session_scope(get_engine()) as session:
+        event = accept(session, args.photo_id, args.label)
+    print(f"photo #{event.photo_id} labelled {event.new_label}; it is in the pool now")
     return 0
 
 
@@ -145,6 +198,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8", action="store_true", help="int8 post-training quantization (pte only)"
     )
     export.set_defaults(func=_export)
+
+    export_data = commands.add_parser(
+        "export-data",
+        help="write the cleaned set: manifest and a train/ test/ class-folder tree",
+    )
+    export_data.add_argument(
+        "--out", help="a new or empty folder (default ARTIFACT_DIR/datasets/<time>)"
+    )
+    export_data.set_defaults(func=_export_data)
+
+    upload = commands.add_parser(
+        "upload", help="add photo files to the unlabelled split, as the dashboard does"
+    )
+    upload.add_argument("files", nargs="+", help="image files")
+    upload.set_defaults(func=_upload)
+
+    prelabel = commands.add_parser(
+        "prelabel", help="suggest labels for unlabelled photos with a run's model"
+    )
+    prelabel.add_argument("--run", type=int, help="run id (default: latest finished)")
+    prelabel.add_argument(
+        "--redo", action="store_true", help="also photos the run suggested before"
+    )
+    prelabel.add_argument(
+        "--show", type=int, default=10, help="list this many, least sure first"
+    )
+    prelabel.set_defaults(func=_prelabel)
+
+    accept = commands.add_parser(
+        "accept", help="give an unlabelled photo its label; it joins the pool"
+    )
+    accept.add_argument("photo_id", type=int)
+    accept.add_argument("label")
+    accept.set_defaults(func=_accept)
 
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("job_id", type=int)

@@ -150,7 +150,7 @@ def ingest_files(
     report = IngestReport()
     known = _KnownPhotos(session)
     for path in paths:
-        _ingest_file(session, Path(path).resolve(), split, label, known, report)
+        _ingest_file(session, Path(path).absolute(), split, label, known, report)
     session.flush()
     return report
 

@@ -1,5 +1,7 @@
 """Overview: what the database holds, what was changed, and how the model does."""
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -7,6 +9,7 @@ from dashboard.components import format_percent
 from db.engine import session_scope
 from db.models import EXCLUDED, HOLDOUT, POOL, STATUSES
 from db.settings import get_settings
+from pipeline.export_data import export_dataset, new_dataset_dir
 from pipeline.ingest import ingest_folder
 from pipeline.review import photo_counts, relabelled_count, skipped_files
 from pipeline.runs import latest_run
@@ -24,6 +27,25 @@ def rescan() -> None:
         "success",
         report.summary().replace("\n", "  \n"),
     )
+
+
+def export_data() -> None:
+    """Write the cleaned set under ARTIFACT_DIR/datasets/<time>."""
+    try:
+        with session_scope() as session:
+            summary = export_dataset(session, new_dataset_dir())
+    except (ValueError, OSError) as error:
+        st.session_state["overview_flash"] = ("error", f"Export failed: {error}")
+        return
+    text = (
+        f"Wrote the cleaned set to {summary['out_dir']}: {summary['in_tree']} "
+        f"photos in train/, test/ and unlabelled/, {summary['excluded']} excluded "
+        "ones listed in the manifest only."
+    )
+    if summary["missing"]:
+        text += f" {summary['missing']} files were gone and are left out of the tree."
+    st.session_state["overview_flash"] = ("success", text)
+    st.session_state["overview_manifest"] = summary["manifest"]
 
 
 def counts_table(counts: list[dict], split: str) -> pd.DataFrame:
@@ -102,6 +124,24 @@ def overview_page() -> None:
     else:
         st.caption("Every file under the photo folder was imported.")
     st.button("Re-scan the photo folder", key="overview_rescan", on_click=rescan)
+
+    st.subheader("The cleaned set")
+    st.button(
+        "Export the cleaned set",
+        key="overview_export_data",
+        on_click=export_data,
+        help="A manifest of every photo and a train/ test/ class-folder tree "
+        "without the excluded ones, under ARTIFACT_DIR/datasets/.",
+    )
+    manifest = st.session_state.get("overview_manifest")
+    if manifest and Path(manifest).is_file():
+        st.download_button(
+            "Download manifest.csv",
+            data=Path(manifest).read_bytes(),
+            file_name="manifest.csv",
+            mime="text/csv",
+            key="overview_manifest_download",
+        )
 
 
 overview_page()

@@ -317,7 +317,7 @@ def test_training_leaves_the_database_writable_while_it_scores(
         pipeline.scoring, "run_embeddings", lambda r, p, m: embeddings(p)
     )
     config = TrainConfig(
-        image_size=64, frozen_epochs=1, unfrozen_epochs=0, folds=2, tta=False
+        image_size=64, frozen_epochs=1, unfrozen_epochs=1, folds=2, tta=False
     )
     with session_scope(engine) as session:
         run = train_run(session, config)
