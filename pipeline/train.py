@@ -69,7 +69,7 @@ class TrainConfig:
     frozen_epochs: int = 20
     unfrozen_epochs: int = 1
     head_lr: float = 3e-3
-    body_lr: float = 1e-4
+    body_lr: float = 1e-5
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     tta: bool = True
