@@ -245,8 +245,15 @@ def _stage_review(workdir: Path) -> dict:
     return stage_review(workdir)
 
 
+def _stage_exports(workdir: Path) -> dict:
+    from bench.exports import stage_exports
+
+    return stage_exports(workdir)
+
+
 STAGES = {
     "review": _stage_review,
+    "exports": _stage_exports,
     "baselines": stage_baselines,
     "train": stage_train,
     "noise": stage_noise,
