@@ -92,3 +92,41 @@ def job_panel(kind: str, noun: str) -> Job | None:
         log = get_settings().artifact_dir / "jobs" / f"{job.id}.log"
         st.error(f"{text}. The worker's log is {log}.")
     return job
+
+
+# Digits pick a class in one-photo views; "c" and "r" are reserved by Streamlit.
+CLASS_KEYS = "123456789"
+
+
+def photo_navigation(
+    keys: tuple[str, str],
+    on_move,
+    index: int,
+    total: int,
+    next_label: str,
+    classes: list[str],
+    other_keys: str,
+) -> None:
+    """Previous/next buttons (keys k and j) and the keyboard legend of a
+    one-photo view."""
+    nav = st.columns(2)
+    nav[0].button(
+        "← Previous",
+        key=keys[0],
+        on_click=on_move,
+        args=(-1,),
+        disabled=index <= 0,
+        shortcut="k",
+        width="stretch",
+    )
+    nav[1].button(
+        next_label,
+        key=keys[1],
+        on_click=on_move,
+        args=(1,),
+        disabled=index + 1 >= total,
+        shortcut="j",
+        width="stretch",
+    )
+    legend = ", ".join(f"{CLASS_KEYS[i]} {name}" for i, name in enumerate(classes[:9]))
+    st.caption(f"Keys: {legend} · {other_keys}")

@@ -8,6 +8,7 @@ the pool; it trains with the next run.
 
 import streamlit as st
 
+from dashboard.components import CLASS_KEYS, photo_navigation
 from db.engine import session_scope
 from db.labels import (
     ACCEPT_SOURCE,
@@ -34,7 +35,6 @@ from pipeline.unlabelled import (
 
 SOURCE = ACCEPT_SOURCE
 # The same keys as the Review page, so a hand learns one layout.
-CLASS_KEYS = "123456789"
 UP_NEXT = 6
 
 
@@ -219,29 +219,15 @@ def queue_view(classes: list[str]) -> None:
         st.caption(f"Photo {index + 1} of {queue.total} · #{item.photo_id}")
         _describe(item)
         _label_buttons(item, classes)
-        nav = st.columns(2)
-        nav[0].button(
-            "← Previous",
-            key="label_prev",
-            on_click=_move,
-            args=(-1,),
-            disabled=index <= 0,
-            shortcut="k",
-            width="stretch",
-        )
-        nav[1].button(
+        photo_navigation(
+            ("label_prev", "label_next"),
+            _move,
+            index,
+            queue.total,
             "Skip →",
-            key="label_next",
-            on_click=_move,
-            args=(1,),
-            disabled=index + 1 >= queue.total,
-            shortcut="j",
-            width="stretch",
+            classes,
+            "x leave out · u undo · j skip · k previous",
         )
-        keys = ", ".join(
-            f"{CLASS_KEYS[i]} {name}" for i, name in enumerate(classes[:9])
-        )
-        st.caption(f"Keys: {keys} · x leave out · u undo · j skip · k previous")
 
     upcoming = queue.items[1:]
     if upcoming:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from dashboard.components import CLASS_KEYS, photo_navigation
 from db.engine import session_scope
 from db.labels import StaleLabelError, apply_action, class_names, last_event, undo_event
 from db.models import CONFIRMED, EXCLUDED, STATUSES, LabelEvent, TrainingRun
@@ -36,8 +37,6 @@ PER_PAGE = 24
 COLUMNS = 4
 ANY = "any"
 SOURCE = "review"
-# Digits pick a class in the one-photo view; "c" and "r" are reserved by Streamlit.
-CLASS_KEYS = "123456789"
 
 
 @st.cache_data(max_entries=1000, show_spinner=False)
@@ -434,29 +433,15 @@ def _focus_view(
         st.caption(f"Photo {index + 1} of {queue.total}")
         _describe_item(item)
         _action_buttons(item, classes, keyboard=True)
-        nav = st.columns(2)
-        nav[0].button(
-            "← Previous",
-            key="review_prev_photo",
-            on_click=_move_focus,
-            args=(-1,),
-            disabled=index <= 0,
-            shortcut="k",
-            width="stretch",
-        )
-        nav[1].button(
+        photo_navigation(
+            ("review_prev_photo", "review_next_photo"),
+            _move_focus,
+            index,
+            queue.total,
             "Next →",
-            key="review_next_photo",
-            on_click=_move_focus,
-            args=(1,),
-            disabled=index + 1 >= queue.total,
-            shortcut="j",
-            width="stretch",
+            classes,
+            "x exclude/restore · u undo · j next · k previous",
         )
-        keys = ", ".join(
-            f"{CLASS_KEYS[i]} {name}" for i, name in enumerate(classes[:9])
-        )
-        st.caption(f"Keys: {keys} · x exclude/restore · u undo · j next · k previous")
 
 
 def _heatmap_run(run: TrainingRun | None) -> TrainingRun | None:
