@@ -5,6 +5,7 @@ tests read real JPEGs without copying them.
 """
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,19 @@ def make_photo_set(
             for photo in real_photos(split, label, count, skip):
                 (folder / photo.name).symlink_to(photo)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """Put back the `__main__` module that an AppTest run replaces.
+
+    Streamlit's script runner installs the app script as `__main__` and leaves
+    it there. A process started later with the "spawn" method would then run
+    the whole dashboard script before its own target.
+    """
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 @pytest.fixture

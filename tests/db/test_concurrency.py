@@ -143,23 +143,35 @@ def _open_database(url, go, results):
         results.put(f"{type(error).__name__}: {error}")
 
 
+def _stop(processes):
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def test_processes_opening_a_new_database_at_once_all_get_the_tables(tmp_path):
     url = f"sqlite:///{tmp_path / 'new.db'}"
     context = multiprocessing.get_context("spawn")
     results, go = context.Queue(), context.Event()
     processes = [
-        context.Process(target=_open_database, args=(url, go, results))
+        context.Process(target=_open_database, args=(url, go, results), daemon=True)
         for _ in range(PROCESSES)
     ]
     for process in processes:
         process.start()
-    # Start them together, once each has imported, so that they race.
-    for _ in processes:
-        results.get(timeout=RESULT_TIMEOUT_S)
-    go.set()
-    outcomes = [results.get(timeout=RESULT_TIMEOUT_S) for _ in processes]
-    for process in processes:
-        process.join(timeout=10)
+    try:
+        # Start them together, once each has imported, so that they race.
+        for _ in processes:
+            results.get(timeout=RESULT_TIMEOUT_S)
+        go.set()
+        outcomes = [results.get(timeout=RESULT_TIMEOUT_S) for _ in processes]
+    except queue.Empty:
+        pytest.fail(f"a process gave no result in {RESULT_TIMEOUT_S} s")
+    finally:
+        go.set()
+        _stop(processes)
 
     assert outcomes == ["ok"] * PROCESSES
     engine = create_db_engine(url)
@@ -230,11 +242,14 @@ def test_many_writers_lose_no_update_and_never_see_a_lock_error(engine):
 
     context = multiprocessing.get_context("spawn")
     results, stop = context.Queue(), context.Event()
-    progress = context.Process(target=_progress_worker, args=(job_id, stop, results))
+    progress = context.Process(
+        target=_progress_worker, args=(job_id, stop, results), daemon=True
+    )
     relabellers = [
         context.Process(
             target=_relabel_worker,
             args=(url, photo_ids, RELABELS_PER_PROCESS, seed, results),
+            daemon=True,
         )
         for seed in range(PROCESSES)
     ]
@@ -249,10 +264,7 @@ def test_many_writers_lose_no_update_and_never_see_a_lock_error(engine):
         pytest.fail(f"a writer process gave no result in {RESULT_TIMEOUT_S} s")
     finally:
         stop.set()
-        for process in [progress, *relabellers]:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
+        _stop([progress, *relabellers])
 
     relabel = [r for r in reports if r[0] == "relabel"]
     ((_, writes, last_fraction, progress_errors),) = [
