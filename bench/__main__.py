@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
-STAGES = ("baselines", "train", "noise", "writeload", "review", "exports")
+STAGES = ("baselines", "train", "noise", "writeload", "review", "exports", "al")
 
 
 def run_stage(name: str, workdir: Path) -> dict:

@@ -251,6 +251,12 @@ def _stage_exports(workdir: Path) -> dict:
     return stage_exports(workdir)
 
 
+def _stage_al(workdir: Path) -> dict:
+    from bench.active_learning import stage_al
+
+    return stage_al(workdir)
+
+
 STAGES = {
     "review": _stage_review,
     "exports": _stage_exports,
@@ -258,6 +264,7 @@ STAGES = {
     "train": stage_train,
     "noise": stage_noise,
     "writeload": _stage_writeload,
+    "al": _stage_al,
 }
 
 

@@ -1,8 +1,8 @@
 """Command line: `python -m pipeline <command>`.
 
-Commands: ingest, train, score, export, export-data, upload, prelabel, accept
-(and worker, which runs a background job). Each calls the same functions as
-the dashboard.
+Commands: ingest, train, score, export, export-data, report, upload, prelabel,
+accept (and worker, which runs a background job). Each calls the same
+functions as the dashboard.
 """
 
 import argparse
@@ -58,7 +58,10 @@ def _export(args) -> int:
     from pipeline.export import ExportConfig, export_run
     from pipeline.runs import get_run
 
-    config = ExportConfig(format=args.format, int8=args.int8)
+    options = {"format": args.format, "int8": args.int8}
+    if args.min_int8_agreement is not None:
+        options["min_int8_agreement"] = args.min_int8_agreement
+    config = ExportConfig(**options)
     with session_scope(get_engine()) as session:
         run = get_run(session, args.run)
         export = export_run(session, run.id, config, _console_progress())
@@ -83,6 +86,19 @@ def _export_data(args) -> int:
     with session_scope(get_engine()) as session:
         summary = export_dataset(session, out_dir)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from pipeline.report import write_cleaning_report
+    from pipeline.runs import get_run
+
+    with session_scope(get_engine()) as session:
+        run = get_run(session, args.run)
+        path = write_cleaning_report(session, run, Path(args.out) if args.out else None)
+    print(f"run {run.id}: cleaning report written to {path}")
     return 0
 
 
@@ -197,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--int8", action="store_true", help="int8 post-training quantization (pte only)"
     )
+    export.add_argument(
+        "--min-int8-agreement",
+        dest="min_int8_agreement",
+        type=float,
+        help="refuse an int8 file whose top class matches PyTorch's on fewer "
+        "holdout photos than this share (default 0.98)",
+    )
     export.set_defaults(func=_export)
 
     export_data = commands.add_parser(
@@ -207,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="a new or empty folder (default ARTIFACT_DIR/datasets/<time>)"
     )
     export_data.set_defaults(func=_export_data)
+
+    report = commands.add_parser(
+        "report",
+        help="write a run's cleaning report: label changes since the previous run, "
+        "holdout accuracy before and after, most confused classes (Markdown)",
+    )
+    report.add_argument("--run", type=int, help="run id (default: latest finished)")
+    report.add_argument(
+        "--out",
+        help="file to write (default ARTIFACT_DIR/runs/<id>/cleaning-report.md)",
+    )
+    report.set_defaults(func=_report)
 
     upload = commands.add_parser(
         "upload", help="add photo files to the unlabelled split, as the dashboard does"

@@ -34,6 +34,15 @@ HOLDOUT_KIND = "holdout"
 HEAD_C = 1.0
 
 
+def fit_head(features: np.ndarray, labels: np.ndarray) -> LogisticRegression:
+    """A logistic-regression head on unit-length embeddings, strongly regularised.
+
+    On the cached ImageNet embeddings this is the quick head. Its `classes_`
+    are the label indices it saw, which index the columns of `predict_proba`.
+    """
+    return LogisticRegression(C=HEAD_C, max_iter=3000).fit(features, labels)
+
+
 def oof_probabilities(
     features: np.ndarray,
     labels: np.ndarray,
@@ -68,8 +77,7 @@ def oof_probabilities(
         )
     splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     for fit_rows, held_rows in splitter.split(train_idx, labels[train_idx]):
-        head = LogisticRegression(C=HEAD_C, max_iter=3000)
-        head.fit(features[train_idx[fit_rows]], labels[train_idx[fit_rows]])
+        head = fit_head(features[train_idx[fit_rows]], labels[train_idx[fit_rows]])
         cols = head.classes_
         held = train_idx[held_rows]
         probs[np.ix_(held, cols)] = head.predict_proba(features[held])

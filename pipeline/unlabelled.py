@@ -199,11 +199,24 @@ def prelabel(
     if not photos:
         return 0
 
-    classes = list(run.classes)
-    model = load_weights(run.artifact_path, len(classes)).to(get_device())
+    model = load_weights(run.artifact_path, len(run.classes)).to(get_device())
     size = int(run.config.get("image_size", IMAGE_SIZE))
     photos, probs = _predict(model, photos, size, bool(run.config.get("tta", False)))
+    store_suggestions(session, run, photos, probs)
+    logger.info("run %s: suggested labels for %d photos", run.id, len(photos))
+    return len(photos)
 
+
+def store_suggestions(
+    session: Session, run: TrainingRun, photos: list[Photo], probs: np.ndarray
+) -> None:
+    """Store the run's suggested labels for `photos`, which `label_queue` ranks.
+
+    Args:
+        probs: (N, C) class probabilities, one row per photo, in the order of
+            `run.classes`; they replace any suggestion the run made for them.
+    """
+    classes = list(run.classes)
     session.execute(
         delete(Prediction).where(
             Prediction.run_id == run.id,
@@ -214,8 +227,6 @@ def prelabel(
     for photo, row in zip(photos, probs, strict=True):
         session.add(_suggestion(run, photo, row, classes))
     session.flush()
-    logger.info("run %s: suggested labels for %d photos", run.id, len(photos))
-    return len(photos)
 
 
 def _predict(model, photos: list[Photo], size: int, tta: bool):

@@ -1,15 +1,25 @@
 """Train: fine-tune on the current labels in the background, and compare runs."""
 
 from dataclasses import asdict
+from functools import partial
 
 import pandas as pd
 import streamlit as st
 
-from dashboard.components import format_percent, format_seconds, job_panel, run_label
+from dashboard.components import (
+    accuracy_chart,
+    confusion_frame,
+    format_percent,
+    format_seconds,
+    job_panel,
+    run_label,
+)
 from db.engine import session_scope
 from db.models import DONE, TrainingRun
 from pipeline.jobs import start_job
+from pipeline.report import cleaning_report
 from pipeline.review import is_active, list_runs
+from pipeline.runs import get_run
 from pipeline.train import TrainConfig
 
 
@@ -174,14 +184,9 @@ def _runs_table(runs: list[TrainingRun]) -> None:
     st.dataframe(frame, hide_index=True, width="stretch")
 
 
-def confusion_frame(run: TrainingRun) -> pd.DataFrame:
-    """Rows are the holdout's given labels, columns what the model predicted."""
-    classes = list(run.classes)
-    return pd.DataFrame(
-        run.metrics.get("confusion") or [[0] * len(classes)] * len(classes),
-        index=[f"given {name}" for name in classes],
-        columns=[f"predicted {name}" for name in classes],
-    )
+def _report_text(run_id: int) -> str:
+    with session_scope() as session:
+        return cleaning_report(session, get_run(session, run_id))
 
 
 def _run_details(finished: list[TrainingRun]) -> None:
@@ -202,6 +207,17 @@ def _run_details(finished: list[TrainingRun]) -> None:
     metrics[2].metric("Photos trained on", run.n_train)
     seconds = run.train_seconds
     metrics[3].metric("Training time", format_seconds(seconds) if seconds else "–")
+    # Built only when pressed: the report draws a chart.
+    st.download_button(
+        "Download cleaning report",
+        data=partial(_report_text, run.id),
+        file_name=f"cleaning-report-run-{run.id}.md",
+        mime="text/markdown",
+        key=f"train_report_{run.id}",
+        on_click="ignore",
+        help="Label changes since the previous run, holdout accuracy before and "
+        "after, the most confused classes and a chart (Markdown).",
+    )
     left, right = st.columns(2)
     with left:
         st.markdown("**Confusion matrix on the holdout**")
@@ -209,18 +225,6 @@ def _run_details(finished: list[TrainingRun]) -> None:
     with right:
         st.markdown("**Settings**")
         st.json({**run.config, "classes": run.classes, "device": run.device})
-
-
-def _accuracy_chart(finished: list[TrainingRun]) -> None:
-    points = [
-        {"run": run.id, "holdout accuracy (%)": 100 * run.metrics["accuracy_holdout"]}
-        for run in sorted(finished, key=lambda run: run.id)
-        if run.metrics.get("accuracy_holdout") is not None
-    ]
-    if not points:
-        return
-    st.markdown("**Holdout accuracy across runs**")
-    st.line_chart(pd.DataFrame(points), x="run", y="holdout accuracy (%)")
 
 
 def train_page() -> None:
@@ -242,7 +246,7 @@ def train_page() -> None:
         st.info("No run has finished yet.")
         st.stop()
     _run_details(finished)
-    _accuracy_chart(finished)
+    accuracy_chart(finished)
 
 
 train_page()

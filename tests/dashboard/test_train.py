@@ -128,3 +128,26 @@ def test_runs_table_confusion_matrix_and_chart(trained):
     assert confusion.values.sum() == 8
     assert app.metric[0].value == expected
     assert len(app.get("vega_lite_chart")) == 1
+
+
+def test_each_finished_run_offers_its_cleaning_report(small_set):
+    open_page()  # imports the photos
+    with session_scope(get_engine()) as session:
+        for accuracy in (0.5, 0.75):
+            session.add(
+                TrainingRun(
+                    status="done",
+                    config={},
+                    classes=["hot_dog", "not_hot_dog"],
+                    metrics={
+                        "accuracy_holdout": accuracy,
+                        "confusion": [[1, 1], [0, 2]],
+                    },
+                )
+            )
+    app = open_page("train")
+
+    assert not app.exception
+    [button] = app.get("download_button")
+    assert button.label == "Download cleaning report"
+    assert button.key == "train_report_2"  # the newest run is the one shown

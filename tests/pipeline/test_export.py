@@ -27,6 +27,7 @@ from db.models import HOLDOUT, Export, Photo, TrainingRun
 from pipeline import export as export_module
 from pipeline.export import (
     INT8_FLOAT_MODULES,
+    MIN_INT8_AGREEMENT,
     ExportConfig,
     ExportRefusedError,
     export_run,
@@ -231,6 +232,33 @@ def test_int8_agreement_floor_is_configurable(floor, refused):
     if refused:
         assert "95.0 %" in reason and f"{100 * floor:.1f} % required" in reason
     assert ExportConfig(int8=True, min_int8_agreement=floor).min_int8_agreement == floor
+
+
+def test_cli_passes_the_agreement_floor_and_names_a_bad_one(
+    workspace, monkeypatch, capsys
+):
+    import pipeline.runs
+    from pipeline.__main__ import main
+
+    seen = {}
+
+    def fake_export_run(session, run_id, config, progress):
+        seen["config"] = config
+        raise LookupError("stopped before exporting")
+
+    monkeypatch.setattr(
+        pipeline.runs, "get_run", lambda session, run_id: SimpleNamespace(id=7)
+    )
+    monkeypatch.setattr(export_module, "export_run", fake_export_run)
+
+    assert main(["export", "--int8", "--min-int8-agreement", "0.95"]) == 2
+    assert seen["config"].int8 and seen["config"].min_int8_agreement == 0.95
+    assert main(["export", "--int8"]) == 2
+    assert seen["config"].min_int8_agreement == MIN_INT8_AGREEMENT
+
+    seen.clear()
+    assert main(["export", "--int8", "--min-int8-agreement", "1.5"]) == 2
+    assert "min_int8_agreement" in capsys.readouterr().err and seen == {}
 
 
 def _relu6_model() -> nn.Module:
