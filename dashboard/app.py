@@ -91,6 +91,11 @@ def main() -> None:
             ),
             st.Page(PAGES_DIR / "label.py", title="Label", icon=":material/label:"),
             st.Page(
+                PAGES_DIR / "duplicates.py",
+                title="Duplicates",
+                icon=":material/content_copy:",
+            ),
+            st.Page(
                 PAGES_DIR / "train.py", title="Train", icon=":material/model_training:"
             ),
             st.Page(

@@ -1,12 +1,14 @@
-"""Pieces several pages share: a background job's progress and outcome."""
+"""Pieces several pages share: job progress, a run's holdout results, thumbnails."""
 
+import pandas as pd
 import streamlit as st
 
 from db.engine import session_scope
 from db.models import CANCELLED, DONE, Job, TrainingRun
 from db.settings import get_settings
+from pipeline.images import BadImageError
 from pipeline.jobs import reap_dead_jobs, request_cancel
-from pipeline.review import estimate_seconds_left, is_active, latest_job
+from pipeline.review import estimate_seconds_left, is_active, latest_job, thumbnail
 
 REFRESH_SECONDS = 2.0
 
@@ -30,6 +32,52 @@ def run_label(run: TrainingRun) -> str:
     """How a run is named in choices: its id, when, and its holdout accuracy."""
     accuracy = format_percent(run.metrics.get("accuracy_holdout"))
     return f"run #{run.id} · {run.created_at:%Y-%m-%d %H:%M} · {accuracy}"
+
+
+def confusion_frame(run: TrainingRun) -> pd.DataFrame:
+    """Rows are the holdout's given labels, columns what the model predicted."""
+    classes = list(run.classes)
+    return pd.DataFrame(
+        run.metrics.get("confusion") or [[0] * len(classes)] * len(classes),
+        index=[f"given {name}" for name in classes],
+        columns=[f"predicted {name}" for name in classes],
+    )
+
+
+def accuracy_chart(finished: list[TrainingRun]) -> None:
+    """Holdout accuracy of each finished run, in run order."""
+    points = [
+        {"run": run.id, "holdout accuracy (%)": 100 * run.metrics["accuracy_holdout"]}
+        for run in sorted(finished, key=lambda run: run.id)
+        if run.metrics.get("accuracy_holdout") is not None
+    ]
+    if not points:
+        return
+    st.markdown("**Holdout accuracy across runs**")
+    st.line_chart(pd.DataFrame(points), x="run", y="holdout accuracy (%)")
+
+
+@st.cache_data(max_entries=1000, show_spinner=False)
+def thumbnail_bytes(path: str, sha256: str) -> bytes:
+    return thumbnail(path, sha256).read_bytes()
+
+
+def photo_thumbnail(path: str, sha256: str, width: int | str = "stretch") -> None:
+    """The photo's thumbnail, or a warning naming the file that cannot be shown."""
+    try:
+        st.image(thumbnail_bytes(path, sha256), width=width)
+    except (BadImageError, OSError) as error:
+        st.warning(f"Cannot show {path}: {error}")
+
+
+def show_flash(key: str) -> None:
+    """Show once the (kind, text) a button's callback left in session state.
+
+    `kind` names the Streamlit call: success, info, warning or error.
+    """
+    kind, text = st.session_state.pop(key, (None, None))
+    if kind in ("success", "info", "warning", "error"):
+        getattr(st, kind)(text)
 
 
 def _cancel(job_id: int) -> None:

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from db.engine import get_engine
+from db.models import DONE, Photo, Prediction, TrainingRun
 from db.settings import PROJECT_ROOT
+from pipeline.images import load_rgb
+from pipeline.scoring import HOLDOUT_KIND
 
 SEEFOOD = Path(
     os.environ.get("SEEFOOD_DIR", PROJECT_ROOT.parent / "shared/data/seefood")
@@ -38,6 +41,54 @@ def make_photo_set(
             for photo in real_photos(split, label, count, skip):
                 (folder / photo.name).symlink_to(photo)
     return root
+
+
+def resized_copy(source: Path, target: Path) -> Path:
+    """A half-size JPEG of `source` at `target`: a near duplicate, not an exact one."""
+    image = load_rgb(source)
+    small = image.resize((image.width // 2, image.height // 2))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    small.save(target, "JPEG", quality=80)
+    return target
+
+
+def add_run(
+    session, predicted: dict[int, str], classes: tuple[str, ...] = CLASSES
+) -> TrainingRun:
+    """A finished run that predicted class `predicted[id]` for holdout photo `id`.
+
+    Its accuracy and confusion matrix are worked out from those predictions,
+    as training would.
+    """
+    run = TrainingRun(config={}, classes=list(classes), status=DONE)
+    session.add(run)
+    session.flush()
+    index = {name: i for i, name in enumerate(classes)}
+    confusion = [[0] * len(classes) for _ in classes]
+    for photo_id, label in predicted.items():
+        photo = session.get(Photo, photo_id)
+        probs = [0.9 if name == label else 0.1 / (len(classes) - 1) for name in classes]
+        session.add(
+            Prediction(
+                run_id=run.id,
+                photo_id=photo_id,
+                kind=HOLDOUT_KIND,
+                probs=probs,
+                given_label=photo.label,
+                predicted_label=label,
+                confidence=max(probs),
+                score=1.0 - probs[index[photo.label]],
+            )
+        )
+        confusion[index[photo.label]][index[label]] += 1
+    right = sum(row[i] for i, row in enumerate(confusion))
+    run.metrics = {
+        "accuracy_holdout": right / len(predicted) if predicted else None,
+        "n_holdout": len(predicted),
+        "confusion": confusion,
+    }
+    session.flush()
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ the pool; it trains with the next run.
 
 import streamlit as st
 
-from dashboard.components import CLASS_KEYS, photo_navigation
+from dashboard.components import CLASS_KEYS, photo_navigation, thumbnail_bytes
 from db.engine import session_scope
 from db.labels import (
     ACCEPT_SOURCE,
@@ -19,7 +19,6 @@ from db.labels import (
     undo_event,
 )
 from pipeline.images import BadImageError
-from pipeline.review import thumbnail
 from pipeline.runs import latest_run
 from pipeline.unlabelled import (
     ADDED,
@@ -36,11 +35,6 @@ from pipeline.unlabelled import (
 SOURCE = ACCEPT_SOURCE
 # The same keys as the Review page, so a hand learns one layout.
 UP_NEXT = 6
-
-
-@st.cache_data(max_entries=1000, show_spinner=False)
-def thumbnail_bytes(path: str, sha256: str) -> bytes:
-    return thumbnail(path, sha256).read_bytes()
 
 
 def _flash(kind: str, text: str) -> None:

@@ -1,18 +1,32 @@
-"""Overview: what the database holds, what was changed, and how the model does."""
+"""Overview: what the database holds, what was changed, and how the model does.
+
+"How the model does" follows the holdout across runs: accuracy run by run,
+the latest run's confusion matrix, and the holdout photos whose prediction
+changed since the run before it.
+"""
 
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from dashboard.components import format_percent
+from dashboard.components import (
+    accuracy_chart,
+    confusion_frame,
+    format_percent,
+    photo_thumbnail,
+)
 from db.engine import session_scope
-from db.models import EXCLUDED, HOLDOUT, POOL, STATUSES
+from db.models import DONE, EXCLUDED, HOLDOUT, POOL, STATUSES
 from db.settings import get_settings
 from pipeline.export_data import export_dataset, new_dataset_dir
 from pipeline.ingest import ingest_folder
-from pipeline.review import photo_counts, relabelled_count, skipped_files
-from pipeline.runs import latest_run
+from pipeline.review import list_runs, photo_counts, relabelled_count, skipped_files
+from pipeline.runs import BROKEN, FIXED, OTHER, HoldoutFlips, holdout_flips, latest_run
+
+# Thumbnails of flipped holdout photos shown at most, and per row.
+MAX_FLIP_PHOTOS = 48
+FLIP_COLUMNS = 6
 
 
 def rescan() -> None:
@@ -59,6 +73,94 @@ def counts_table(counts: list[dict], split: str) -> pd.DataFrame:
     table = table.reindex(columns=[s for s in STATUSES if s in table.columns])
     table["total"] = table.sum(axis=1)
     return table
+
+
+def _flips_table(changes: HoldoutFlips) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "photo": flip.photo_id,
+                "file": Path(flip.path).name,
+                "given label": flip.given_label,
+                f"run #{changes.previous_id} predicted": flip.previous_label,
+                f"run #{changes.run_id} predicted": flip.predicted_label,
+                "change": flip.change,
+            }
+            for flip in changes.flips
+        ]
+    )
+
+
+def _flip_photos(changes: HoldoutFlips) -> None:
+    shown = changes.flips[:MAX_FLIP_PHOTOS]
+    if len(changes.flips) > len(shown):
+        st.caption(f"The first {len(shown)} of {len(changes.flips)} flipped photos.")
+    for start in range(0, len(shown), FLIP_COLUMNS):
+        columns = st.columns(FLIP_COLUMNS)
+        row = shown[start : start + FLIP_COLUMNS]
+        for column, flip in zip(columns, row, strict=False):
+            with column:
+                photo_thumbnail(flip.path, flip.sha256)
+                st.caption(
+                    f"#{flip.photo_id} · given {flip.given_label}  \n"
+                    f"{flip.previous_label} → **{flip.predicted_label}** "
+                    f"({flip.change})"
+                )
+
+
+def _changes_since_previous(changes: HoldoutFlips) -> None:
+    st.markdown(f"**What changed on the holdout since run #{changes.previous_id}**")
+    counts = st.columns(3)
+    counts[0].metric(
+        "Fixed", changes.count(FIXED), help="Now right, wrong in the previous run."
+    )
+    counts[1].metric(
+        "Broken", changes.count(BROKEN), help="Now wrong, right in the previous run."
+    )
+    counts[2].metric(
+        "Other flips",
+        changes.count(OTHER),
+        help="Wrong both times, but as a different class.",
+    )
+    st.caption(
+        f"Of the {changes.compared} holdout photos both runs predicted, "
+        f"{len(changes.flips)} changed their predicted label."
+    )
+    if not changes.flips:
+        return
+    st.dataframe(_flips_table(changes), hide_index=True, width="stretch")
+    if st.toggle("Show the flipped photos", key="overview_flip_photos"):
+        _flip_photos(changes)
+
+
+def _model_section() -> None:
+    st.subheader("How the model does on the holdout")
+    with session_scope() as session:
+        finished = [run for run in list_runs(session) if run.status == DONE]
+        changes = None
+        if len(finished) > 1:
+            changes = holdout_flips(session, finished[0], finished[1])
+    if not finished:
+        st.info(
+            "No finished training run yet: train one on the Train page to see "
+            "its holdout accuracy, confusion matrix and what changed between runs."
+        )
+        return
+
+    latest = finished[0]
+    left, right = st.columns(2)
+    with left:
+        accuracy_chart(finished)
+    with right:
+        st.markdown(f"**Run #{latest.id}: confusion matrix on the holdout**")
+        st.dataframe(confusion_frame(latest), width="stretch")
+    if changes is None:
+        st.info(
+            f"Run #{latest.id} is the only finished run, so there is nothing to "
+            "compare it with yet: what changed on the holdout shows after the next."
+        )
+    else:
+        _changes_since_previous(changes)
 
 
 def overview_page() -> None:
@@ -113,6 +215,8 @@ def overview_page() -> None:
             )
         else:
             st.dataframe(holdout, width="stretch")
+
+    _model_section()
 
     st.subheader(f"Skipped files ({len(skipped)})")
     if skipped:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.components import CLASS_KEYS, photo_navigation
+from dashboard.components import CLASS_KEYS, photo_navigation, thumbnail_bytes
 from db.engine import session_scope
 from db.labels import StaleLabelError, apply_action, class_names, last_event, undo_event
 from db.models import CONFIRMED, EXCLUDED, STATUSES, LabelEvent, TrainingRun
@@ -28,7 +28,6 @@ from pipeline.review import (
     apply_to_many,
     queue_position,
     review_queue,
-    thumbnail,
 )
 from pipeline.runs import latest_run
 from pipeline.scoring import score_run
@@ -37,11 +36,6 @@ PER_PAGE = 24
 COLUMNS = 4
 ANY = "any"
 SOURCE = "review"
-
-
-@st.cache_data(max_entries=1000, show_spinner=False)
-def thumbnail_bytes(path: str, sha256: str) -> bytes:
-    return thumbnail(path, sha256).read_bytes()
 
 
 # Keyed by the model file, which names the run unambiguously even across
