@@ -18,13 +18,12 @@ head is scored on the whole holdout (the real test split). Each seed draws
 its own start set, shared by both arms, and its own random picks.
 """
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from bench.stages import _fresh_database, _photos, peak_rss_mb
+from bench.stages import _fresh_database, _photos, copy_database, peak_rss_mb
 
 SEEDS = (0, 1, 2)
 START_FRACTION = 0.1
@@ -162,9 +161,7 @@ def stage_al(workdir: Path, seeds: Sequence[int] = SEEDS) -> dict:
         kept = {pool[i].id for i in start}
         for arm in ARMS:
             database = workdir / f"al-{arm}-{seed}.db"
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{database}{suffix}").unlink(missing_ok=True)
-            shutil.copy(workdir / "al-base.db", database)
+            copy_database(workdir / "al-base.db", database)
             engine = get_engine(f"sqlite:///{database}")
             with session_scope(engine) as session:
                 _hide_labels(session, [p.id for p in pool if p.id not in kept])

@@ -28,11 +28,11 @@ RESULT_TIMEOUT_S = 600
 
 def _create_database(database: Path) -> str:
     """A new database at `database` holding `PHOTOS` pool photos; its URL."""
+    from bench.stages import remove_database
     from db.engine import create_db_engine, session_scope
     from db.models import POOL, Photo
 
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    remove_database(database)
     url = f"sqlite:///{database}"
     engine = create_db_engine(url)
     with session_scope(engine) as session:

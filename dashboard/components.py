@@ -1,10 +1,12 @@
-"""Pieces several pages share: job progress, a run's holdout results, thumbnails."""
+"""Pieces several pages share: job progress, a run's holdout results, thumbnails,
+undo buttons."""
 
 import pandas as pd
 import streamlit as st
 
 from db.engine import session_scope
-from db.models import CANCELLED, DONE, Job, TrainingRun
+from db.labels import AlreadyUndoneError, StaleLabelError, last_event
+from db.models import CANCELLED, DONE, Job, LabelEvent, TrainingRun
 from db.settings import get_settings
 from pipeline.images import BadImageError
 from pipeline.jobs import reap_dead_jobs, request_cancel
@@ -78,6 +80,46 @@ def show_flash(key: str) -> None:
     kind, text = st.session_state.pop(key, (None, None))
     if kind in ("success", "info", "warning", "error"):
         getattr(st, kind)(text)
+
+
+def event_summary(event: LabelEvent) -> str:
+    """One label event as a reviewer reads it: photo, label change, new status."""
+    old, new = event.old_label or "unlabelled", event.new_label or "unlabelled"
+    change = new if old == new else f"{old} → {new}"
+    return f"Photo #{event.photo_id}: {change} ({event.new_status})"
+
+
+def undo_last_button(container, key: str, source: str, on_click) -> None:
+    """An "Undo last" button (key u) bound to the newest event from `source` now.
+
+    The click calls `on_click(event_id, photo_version)` for the event this run
+    of the page saw, or `(None, None)` if there was none: a tab drawn before
+    another tab's undo must not reach past it to an older event it never showed.
+    """
+    with session_scope() as session:
+        event = last_event(session, source=source)
+        if event is None:
+            args, tip = (None, None), "Nothing to undo."
+        else:
+            args = (event.id, event.photo.version)
+            tip = f"Undo event #{event.id}. {event_summary(event)}"
+    container.button(
+        "Undo last", key=key, on_click=on_click, args=args, help=tip, shortcut="u"
+    )
+
+
+def undo_refused(event_id: int, error: StaleLabelError) -> str:
+    """Why undoing event `event_id` saved nothing, and what the photo is now."""
+    now = f"is now **{error.label or 'unlabelled'}** ({error.status})"
+    if isinstance(error, AlreadyUndoneError):
+        return (
+            f"Cannot undo event #{event_id}: event #{error.undo_id} already undid "
+            f"it, and photo #{error.photo_id} {now}. Nothing was saved."
+        )
+    return (
+        f"Cannot undo event #{event_id}: photo #{error.photo_id} changed after this "
+        f"page showed it and {now}. Nothing was saved; undo the later change first."
+    )
 
 
 def _cancel(job_id: int) -> None:

@@ -5,7 +5,9 @@ which moves them into the pool; undoing that puts them back.
 
 Every change is a conditional update on the photo's version, so two reviewers
 acting on the same photo cannot overwrite each other silently: the second one
-gets `StaleLabelError` carrying the label that is there now.
+gets `StaleLabelError` carrying the label that is there now. An event can be
+undone once; asking again (from a page drawn before the first undo) raises
+`AlreadyUndoneError` instead of reverting whatever came after.
 """
 
 import logging
@@ -37,14 +39,30 @@ ACCEPT_SOURCE = "label"
 class StaleLabelError(Exception):
     """The photo changed since the caller read it."""
 
-    def __init__(self, photo: Photo):
+    def __init__(self, photo: Photo, message: str | None = None):
         self.photo_id = photo.id
         self.label = photo.label
         self.status = photo.status
         self.version = photo.version
         super().__init__(
-            f"photo {photo.id} was changed by someone else: it is now "
+            message
+            or f"photo {photo.id} was changed by someone else: it is now "
             f"{photo.label!r} ({photo.status}); reload and try again"
+        )
+
+
+class AlreadyUndoneError(StaleLabelError):
+    """The event has been undone already; undoing it again would revert later
+    changes instead."""
+
+    def __init__(self, event: LabelEvent, undo_id: int):
+        self.event_id = event.id
+        self.undo_id = undo_id
+        photo = event.photo
+        super().__init__(
+            photo,
+            f"event {event.id} was already undone by event {undo_id}; photo "
+            f"{photo.id} is now {photo.label!r} ({photo.status}) and was left as is",
         )
 
 
@@ -146,8 +164,8 @@ def apply_action(
         raise LookupError(f"no photo with id {photo_id}")
     if photo.split == HOLDOUT:
         raise ValueError(
-            f"photo {photo_id} ({photo.path}) is in the frozen holdout and "
-            "cannot be relabelled"
+            f"cannot {action} photo {photo_id} ({photo.path}): it is in the frozen "
+            "holdout, which review actions never change"
         )
     if photo.split == UNLABELLED and action not in UNLABELLED_ACTIONS:
         raise ValueError(
@@ -211,28 +229,59 @@ def _undo_split(event: LabelEvent) -> str | None:
     return None
 
 
-def undo_event(session: Session, event_id: int, source: str = "undo") -> LabelEvent:
+def undone_by(session: Session, event_id: int) -> int | None:
+    """The id of the event that undid `event_id`, or None if none has."""
+    return session.scalar(
+        select(LabelEvent.id)
+        .where(LabelEvent.undoes_id == event_id)
+        .order_by(LabelEvent.id)
+        .limit(1)
+    )
+
+
+def undo_event(
+    session: Session,
+    event_id: int,
+    source: str = "undo",
+    *,
+    expected_version: int | None = None,
+) -> LabelEvent:
     """Put the photo back to how it was before `event_id`, as a new event.
 
     Undoing a first label (`accept_label`) moves the photo back out of the pool.
 
+    Args:
+        event_id: the event to undo.
+        source: who asked for the undo.
+        expected_version: the photo version the caller saw; `None` means
+            "current".
+
     Raises:
         LookupError: no such event.
-        StaleLabelError: the photo was changed again after that event, so
-            undoing it would silently drop the later change.
+        AlreadyUndoneError: the event was undone already; a second undo would
+            revert whatever changed the photo after the first.
+        StaleLabelError: the photo was changed again after that event, or
+            since `expected_version`, so undoing it would silently drop the
+            later change.
     """
     event = session.get(LabelEvent, event_id)
     if event is None:
         raise LookupError(f"no label event with id {event_id}")
+    undo_id = undone_by(session, event_id)
+    if undo_id is not None:
+        raise AlreadyUndoneError(event, undo_id)
     photo = event.photo
     if (photo.label, photo.status) != (event.new_label, event.new_status):
         raise StaleLabelError(photo)
+    # Two undos of one event that pass the checks above together still cannot
+    # both land: the first bumps the version the second one expects.
+    version = photo.version if expected_version is None else expected_version
     return _write(
         session,
         photo,
         event.old_label,
         event.old_status,
-        photo.version,
+        version,
         source,
         undoes_id=event.id,
         split=_undo_split(event),
@@ -260,10 +309,12 @@ __all__ = [
     "EXCLUDED",
     "RELABELLED",
     "UNREVIEWED",
+    "AlreadyUndoneError",
     "StaleLabelError",
     "accept_label",
     "apply_action",
     "class_names",
     "last_event",
     "undo_event",
+    "undone_by",
 ]

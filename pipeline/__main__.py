@@ -60,6 +60,8 @@ def _export(args) -> int:
 
     options = {"format": args.format, "int8": args.int8}
     if args.min_int8_agreement is not None:
+        if not args.int8:
+            raise ValueError("--min-int8-agreement applies only with --int8")
         options["min_int8_agreement"] = args.min_int8_agreement
     config = ExportConfig(**options)
     with session_scope(get_engine()) as session:
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, LookupError, FileNotFoundError) as error:
+    except (ValueError, LookupError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -51,6 +51,7 @@ def start_job(
     """
     if kind not in JOB_KINDS:
         raise ValueError(f"unknown job kind {kind!r}; expected one of {JOB_KINDS}")
+    _check_params(kind, params or {})
     reap_dead_jobs(session)
     busy = session.scalar(
         select(Job).where(Job.kind == kind, Job.state.in_((QUEUED, RUNNING)))
@@ -64,6 +65,18 @@ def start_job(
         job.pid = _spawn_worker(job.id)
         session.commit()
     return job
+
+
+def _check_params(kind: str, params: dict) -> None:
+    """Refuse settings the worker would refuse, before a job is recorded."""
+    if kind == "train":
+        from pipeline.train import TrainConfig
+
+        TrainConfig.from_dict(params)
+    elif kind == "export":
+        from pipeline.export import ExportConfig
+
+        ExportConfig(**{k: v for k, v in params.items() if k != "run_id"})
 
 
 def _spawn_worker(job_id: int) -> int:

@@ -333,6 +333,8 @@ class HistoryRow:
     source: str
     undoes_id: int | None
     undone_by_id: int | None
+    # The photo's version when the row was read: an undo applies only to it.
+    photo_version: int
 
 
 def label_history(
@@ -363,7 +365,7 @@ def label_history(
         )
 
     base = (
-        select(LabelEvent, Photo.path, undone_by.label("undone_by"))
+        select(LabelEvent, Photo.path, Photo.version, undone_by.label("undone_by"))
         .join(Photo, Photo.id == LabelEvent.photo_id)
         .where(*conditions)
     )
@@ -384,8 +386,9 @@ def label_history(
             source=event.source,
             undoes_id=event.undoes_id,
             undone_by_id=undone_by_id,
+            photo_version=version,
         )
-        for event, path, undone_by_id in rows
+        for event, path, version, undone_by_id in rows
     ]
     return history, total
 

@@ -58,6 +58,7 @@ from pipeline.scoring import limit_per_class, score_run
 logger = logging.getLogger(__name__)
 
 MIN_PHOTOS_PER_CLASS = 2
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 
 
 @dataclass
@@ -81,6 +82,55 @@ class TrainConfig:
     # per class, chosen by id.
     max_per_class: int | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Refuse settings that cannot train, naming the setting and its value."""
+
+        def whole(name: str, low: int, high: int | None = None) -> None:
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < low
+                or (high is not None and value > high)
+            ):
+                span = f"from {low} to {high}" if high else f"{low} or more"
+                raise ValueError(f"{name} must be a whole number {span}, not {value!r}")
+
+        def rate(name: str, low: float, high: float, high_included: bool) -> None:
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not (
+                low <= value <= high if high_included else low <= value < high
+            ):
+                bracket = "]" if high_included else ")"
+                raise ValueError(
+                    f"{name} must be a number in [{low}, {high}{bracket}, not {value!r}"
+                )
+
+        whole("image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        whole("batch_size", 1)
+        whole("frozen_epochs", 0)
+        whole("unfrozen_epochs", 0)
+        whole("folds", 2)
+        whole("seed", 0)
+        if self.frozen_epochs + self.unfrozen_epochs == 0:
+            raise ValueError(
+                "frozen_epochs and unfrozen_epochs are both 0: set at least one epoch"
+            )
+        for name in ("head_lr", "body_lr"):
+            rate(name, 0.0, 1.0, True)
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name} must be above 0, not 0")
+        rate("weight_decay", 0.0, 1.0, True)
+        rate("label_smoothing", 0.0, 1.0, False)
+        for name in ("tta", "head_on_features"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"{name} must be true or false, not {getattr(self, name)!r}"
+                )
+        if self.max_per_class is not None:
+            whole("max_per_class", 1)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -1,10 +1,16 @@
-"""History: every label change, newest first, each one undoable."""
+"""History: every label change, newest first, each one undoable.
+
+An Undo applies to the photo as the page showed it: if the event was undone
+since (in another tab, say) or the photo changed again, nothing is saved and
+the page says what the photo is now.
+"""
 
 import math
 from pathlib import Path
 
 import streamlit as st
 
+from dashboard.components import undo_refused
 from db.engine import session_scope
 from db.labels import StaleLabelError, class_names, undo_event
 from pipeline.review import HistoryRow, event_sources, label_history
@@ -13,17 +19,13 @@ PER_PAGE = 50
 ANY = "any"
 
 
-def undo(event_id: int) -> None:
+def undo(event_id: int, version: int) -> None:
+    """Undo one event, on the version of its photo that was on screen."""
     try:
         with session_scope() as session:
-            event = undo_event(session, event_id)
+            event = undo_event(session, event_id, expected_version=version)
     except StaleLabelError as error:
-        st.session_state["history_flash"] = (
-            "warning",
-            f"Cannot undo event #{event_id}: photo #{error.photo_id} was changed again "
-            f"since; it is now **{error.label}** ({error.status}). Undo the later "
-            "change first.",
-        )
+        st.session_state["history_flash"] = ("warning", undo_refused(event_id, error))
         return
     except LookupError as error:
         st.session_state["history_flash"] = ("error", str(error))
@@ -69,7 +71,7 @@ def _row(row: HistoryRow) -> None:
             "Undo",
             key=f"history-undo-{row.event_id}",
             on_click=undo,
-            args=(row.event_id,),
+            args=(row.event_id, row.photo_version),
         )
 
 

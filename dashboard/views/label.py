@@ -8,14 +8,19 @@ the pool; it trains with the next run.
 
 import streamlit as st
 
-from dashboard.components import CLASS_KEYS, photo_navigation, thumbnail_bytes
+from dashboard.components import (
+    CLASS_KEYS,
+    photo_navigation,
+    thumbnail_bytes,
+    undo_last_button,
+    undo_refused,
+)
 from db.engine import session_scope
 from db.labels import (
     ACCEPT_SOURCE,
     StaleLabelError,
     apply_action,
     class_names,
-    last_event,
     undo_event,
 )
 from pipeline.images import BadImageError
@@ -90,16 +95,19 @@ def leave_out(photo_id: int, version: int) -> None:
     _flash("success", f"Photo #{photo_id} left out")
 
 
-def undo_last() -> None:
+def undo_last(event_id: int | None, version: int | None) -> None:
+    """Undo the label the page showed as the newest, on the version shown.
+
+    If another tab undid it or the photo changed since, nothing is saved.
+    """
+    if event_id is None:
+        _flash("info", "Nothing to undo: no label given here is left to undo.")
+        return
     try:
         with session_scope() as session:
-            event = last_event(session, source=SOURCE)
-            if event is None:
-                _flash("info", "Nothing to undo: no label given here is left to undo.")
-                return
-            undo_event(session, event.id)
+            event = undo_event(session, event_id, expected_version=version)
     except StaleLabelError as error:
-        _stale_warning(error)
+        _flash("warning", undo_refused(event_id, error))
         return
     st.session_state["label_index"] = 0
     _flash("success", f"Undone: photo #{event.photo_id} waits for a label again")
@@ -250,7 +258,7 @@ def label_page() -> None:
 
     upload_form(run is not None)
     bar = st.columns([2, 3, 5])
-    bar[0].button("Undo last", key="label_undo", on_click=undo_last, shortcut="u")
+    undo_last_button(bar[0], "label_undo", SOURCE, undo_last)
     if run is None:
         bar[2].caption(
             "No finished training run yet, so there are no suggestions and photos "

@@ -15,10 +15,17 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.components import CLASS_KEYS, photo_navigation, thumbnail_bytes
+from dashboard.components import (
+    CLASS_KEYS,
+    event_summary,
+    photo_navigation,
+    thumbnail_bytes,
+    undo_last_button,
+    undo_refused,
+)
 from db.engine import session_scope
-from db.labels import StaleLabelError, apply_action, class_names, last_event, undo_event
-from db.models import CONFIRMED, EXCLUDED, STATUSES, LabelEvent, TrainingRun
+from db.labels import StaleLabelError, apply_action, class_names, undo_event
+from db.models import CONFIRMED, EXCLUDED, STATUSES, TrainingRun
 from pipeline.heatmap import heatmap_overlay
 from pipeline.images import BadImageError
 from pipeline.review import (
@@ -63,14 +70,6 @@ def _show_flash() -> None:
         st.toast(text)
 
 
-def _summary(event: LabelEvent) -> str:
-    if event.old_label != event.new_label:
-        change = f"{event.old_label} → {event.new_label}"
-    else:
-        change = event.new_label
-    return f"Photo #{event.photo_id}: {change} ({event.new_status})"
-
-
 def _stale_warning(error: StaleLabelError) -> None:
     _flash(
         "warning",
@@ -97,7 +96,7 @@ def act(photo_id: int, action: str, version: int, new_label: str | None = None) 
     except (LookupError, ValueError) as error:
         _flash("error", str(error))
         return
-    _flash("success", _summary(event))
+    _flash("success", event_summary(event))
     st.session_state["review_acted_on"] = photo_id
     _after_change()
 
@@ -154,20 +153,21 @@ def _after_change() -> None:
         rerank()
 
 
-def undo_last() -> None:
+def undo_last(event_id: int | None, version: int | None) -> None:
+    """Undo the review action the page showed as the newest, on the version shown.
+
+    If another tab undid it or the photo changed since, nothing is saved.
+    """
+    if event_id is None:
+        _flash("info", "Nothing to undo: every review action is already undone.")
+        return
     try:
         with session_scope() as session:
-            event = last_event(session, source=SOURCE)
-            if event is None:
-                _flash(
-                    "info", "Nothing to undo: every review action is already undone."
-                )
-                return
-            undo = undo_event(session, event.id)
+            undo = undo_event(session, event_id, expected_version=version)
     except StaleLabelError as error:
-        _stale_warning(error)
+        _flash("warning", undo_refused(event_id, error))
         return
-    _flash("success", f"Undone. {_summary(undo)}")
+    _flash("success", f"Undone. {event_summary(undo)}")
     st.session_state["review_show_photo"] = undo.photo_id
     _after_change()
 
@@ -478,7 +478,7 @@ def review_page() -> None:
         "photo that pushed it towards its predicted class. Dimmed margins were "
         "cropped off before the model saw the photo.",
     )
-    bar[1].button("Undo last", key="review_undo", on_click=undo_last, shortcut="u")
+    undo_last_button(bar[1], "review_undo", SOURCE, undo_last)
     bar[2].button("Re-rank now", key="review_rerank", on_click=rerank)
     bar[2].toggle(
         "Re-rank after each change",

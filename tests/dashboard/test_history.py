@@ -18,6 +18,18 @@ def photo(photo_id: int) -> Photo:
         return session.get(Photo, photo_id)
 
 
+def newest_event() -> LabelEvent:
+    with session_scope(get_engine()) as session:
+        return session.scalars(
+            select(LabelEvent).order_by(LabelEvent.id.desc())
+        ).first()
+
+
+def event_count() -> int:
+    with session_scope(get_engine()) as session:
+        return len(session.scalars(select(LabelEvent.id)).all())
+
+
 def undo_keys(app) -> list[str]:
     return [b.key for b in app.button if b.key.startswith("history-undo-")]
 
@@ -50,10 +62,7 @@ def test_undo_a_row_puts_the_photo_back(small_set):
 
     assert not app.exception
     assert (photo(1).label, photo(1).status) == ("hot_dog", "unreviewed")
-    with session_scope(get_engine()) as session:
-        undo = session.scalars(
-            select(LabelEvent).order_by(LabelEvent.id.desc())
-        ).first()
+    undo = newest_event()
     assert undo.undoes_id == event_id and undo.source == "undo"
     assert f"undone by #{undo.id}" in [c.value for c in app.caption]
     assert f"undoes #{event_id}" in [c.value for c in app.caption]
@@ -75,4 +84,46 @@ def test_undo_of_an_overtaken_change_warns_and_changes_nothing(small_set):
         "not_hot_dog",
         "excluded",
         3,
+    )
+
+
+def assert_refused_and_nothing_saved(app, reason: str) -> None:
+    """Photo 1, excluded three changes ago, is left as is; the page says why."""
+    assert not app.exception and not app.success
+    [warning] = app.warning
+    assert reason in warning.value
+    assert "**hot_dog** (excluded)" in warning.value
+    after = photo(1)
+    assert (after.label, after.status, after.version) == ("hot_dog", "excluded", 4)
+    assert event_count() == 3
+
+
+def test_a_second_undo_from_a_stale_tab_is_refused(small_set):
+    open_page()
+    exclusion = act(1, "exclude", "review")
+    tab_a, tab_b = open_page("history"), open_page("history")
+    tab_a.button(key=f"history-undo-{exclusion}").click().run()
+    undo = newest_event().id
+    act(1, "exclude", "review")
+
+    tab_b.button(key=f"history-undo-{exclusion}").click().run()
+
+    assert_refused_and_nothing_saved(
+        tab_b, f"Cannot undo event #{exclusion}: event #{undo} already undid it"
+    )
+
+
+def test_undo_of_a_photo_changed_since_the_page_was_drawn_is_refused(small_set):
+    open_page()
+    exclusion = act(1, "exclude", "review")
+    app = open_page("history")
+    # Someone else restores and excludes again: photo 1 looks as event
+    # `exclusion` left it, but undoing it would drop their exclusion.
+    act(1, "restore", "cli")
+    act(1, "exclude", "cli")
+
+    app.button(key=f"history-undo-{exclusion}").click().run()
+
+    assert_refused_and_nothing_saved(
+        app, f"Cannot undo event #{exclusion}: photo #1 changed after this page"
     )

@@ -63,3 +63,28 @@ def test_suggest_then_label_with_a_click_and_undo(trained):
     with session_scope(get_engine()) as session:
         assert session.get(Photo, photo_id).split == UNLABELLED
     assert "Photo 1 of 3" in " ".join(c.value for c in app.caption)
+
+
+def test_undo_last_from_a_stale_tab_never_reaches_an_older_label(trained):
+    upload(3)
+    tab_a = open_page("label")
+    labelled = []
+    for _ in range(3):
+        labelled.append(shown_photo(tab_a))
+        tab_a.button(key=f"label-{labelled[-1]}-hot_dog").click().run()
+    tab_a.button(key="label_undo").click().run()
+    # Tab B is drawn now: its newest label is the second photo's.
+    tab_b = open_page("label")
+    tab_a.button(key="label_undo").click().run()
+    with session_scope(get_engine()) as session:
+        count = len(session.scalars(select(LabelEvent.id)).all())
+
+    tab_b.button(key="label_undo").click().run()
+
+    assert not tab_b.exception and not tab_b.toast
+    [warning] = tab_b.warning
+    assert f"photo #{labelled[1]} is now **unlabelled**" in warning.value
+    with session_scope(get_engine()) as session:
+        first = session.get(Photo, labelled[0])
+        assert (first.split, first.label) == (POOL, "hot_dog")
+        assert len(session.scalars(select(LabelEvent.id)).all()) == count

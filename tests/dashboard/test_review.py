@@ -31,6 +31,11 @@ def events_of(photo_id: int) -> list[LabelEvent]:
         return list(session.scalars(query.order_by(LabelEvent.id)))
 
 
+def event_count() -> int:
+    with session_scope(get_engine()) as session:
+        return len(session.scalars(select(LabelEvent.id)).all())
+
+
 def test_relabel_click_changes_the_label_and_records_who_did_it(trained):
     app = open_page("review")
     photo_id = shown_photo_ids(app)[0]
@@ -247,3 +252,36 @@ def test_rerank_after_a_change_refits_the_scores_from_current_labels(trained):
         # The stored row now scores the photo against its new label.
         assert row.given_label == other
     assert any("Re-ranked" in toast.value for toast in app.toast)
+
+
+def test_undo_last_from_a_stale_tab_never_reaches_an_older_change(trained):
+    tab_a = open_page("review")
+    oldest, older, newest = shown_photo_ids(tab_a)[:3]
+    labels = {}
+    for photo_id in (oldest, older, newest):
+        labels[photo_id] = get_photo(photo_id).label
+        other = {"hot_dog": "not_hot_dog", "not_hot_dog": "hot_dog"}[labels[photo_id]]
+        tab_a.button(key=f"relabel-{photo_id}-{other}").click().run()
+    tab_a.button(key="review_undo").click().run()
+    # Tab B is drawn now: its newest change is the relabel of `older`.
+    tab_b = open_page("review")
+    assert f"Photo #{older}:" in tab_b.button(key="review_undo").help
+    tab_a.button(key="review_undo").click().run()
+    assert get_photo(older).label == labels[older]
+    relabelled = get_photo(oldest)
+    count = event_count()
+
+    tab_b.button(key="review_undo").click().run()
+
+    assert not tab_b.exception and not tab_b.toast
+    [warning] = tab_b.warning
+    assert f"photo #{older} is now **{labels[older]}**" in warning.value
+    assert "Nothing was saved" in warning.value
+    after = get_photo(oldest)
+    assert (after.label, after.status, after.version) == (
+        relabelled.label,
+        "relabelled",
+        relabelled.version,
+    )
+    assert [e.source for e in events_of(oldest)] == ["review"]
+    assert event_count() == count

@@ -259,6 +259,8 @@ def test_cli_passes_the_agreement_floor_and_names_a_bad_one(
     seen.clear()
     assert main(["export", "--int8", "--min-int8-agreement", "1.5"]) == 2
     assert "min_int8_agreement" in capsys.readouterr().err and seen == {}
+    assert main(["export", "--min-int8-agreement", "0.5"]) == 2
+    assert "only with --int8" in capsys.readouterr().err and seen == {}
 
 
 def _relu6_model() -> nn.Module:

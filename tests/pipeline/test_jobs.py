@@ -74,3 +74,18 @@ def test_a_second_train_job_is_refused_while_one_runs(engine, small_set):
             request_cancel(session, first.id)
     job = _wait(engine, first.id, lambda j: j.state not in ("queued", RUNNING))
     assert job.state == "cancelled"
+
+
+def test_a_job_with_bad_settings_is_refused_before_it_is_recorded(engine):
+    with session_scope(engine) as session:
+        for kind, params, named in (
+            ("train", {**TINY, "batch_size": 0}, "batch_size"),
+            ("export", {"run_id": 1, "format": "tflite"}, "'tflite'"),
+        ):
+            try:
+                start_job(session, kind, params, spawn=False)
+            except ValueError as error:
+                assert named in str(error)
+            else:
+                raise AssertionError(f"{kind} job with {params} was accepted")
+        assert session.scalars(select(Job)).all() == []

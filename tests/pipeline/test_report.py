@@ -198,6 +198,13 @@ def test_cli_writes_the_report(two_runs, tmp_path, capsys):
     assert main(["report", "--run", "2"]) == 2
     assert "run 2 is failed, not done" in capsys.readouterr().err
 
+    # A folder, or a path through a file, is an error that names the path.
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    assert main(["report", "--out", str(out / "report.md")]) == 2
+    assert str(out) in capsys.readouterr().err
+    assert out.read_text().startswith("# Cleaning report: run 1\n")
+
 
 def test_events_before_the_run_started_only(two_runs):
     # Photo 7's relabel came after run 3 started: no report counts it.

@@ -133,6 +133,29 @@ def test_unknown_setting_is_named():
         TrainConfig.from_dict({"epochz": 3})
 
 
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"frozen_epochs": 0, "unfrozen_epochs": 0}, "set at least one epoch"),
+        ({"frozen_epochs": -1}, "frozen_epochs must be a whole number 0 or more"),
+        ({"batch_size": 0}, "batch_size must be a whole number 1 or more, not 0"),
+        ({"image_size": 0}, "image_size must be a whole number from 32 to 1024"),
+        ({"image_size": 224.0}, "not 224.0"),
+        ({"head_lr": -1}, "head_lr must be a number in [0.0, 1.0], not -1"),
+        ({"body_lr": 0}, "body_lr must be above 0"),
+        ({"head_lr": float("nan")}, "not nan"),
+        ({"label_smoothing": 1.0}, "label_smoothing must be a number in [0.0, 1.0)"),
+        ({"folds": 1}, "folds must be a whole number 2 or more, not 1"),
+        ({"tta": "yes"}, "tta must be true or false, not 'yes'"),
+        ({"max_per_class": 0}, "max_per_class must be a whole number 1 or more"),
+    ],
+)
+def test_settings_that_cannot_train_are_named(values, named):
+    with pytest.raises(ValueError) as refused:
+        TrainConfig(**values)
+    assert named in str(refused.value)
+
+
 def test_the_same_seed_gives_the_same_run(engine, small_set):
     config = TrainConfig(**{**QUICK, "unfrozen_epochs": 1})
     with session_scope(engine) as session:
