@@ -102,6 +102,9 @@ def main() -> None:
                 PAGES_DIR / "export.py", title="Export", icon=":material/deployed_code:"
             ),
             st.Page(
+                PAGES_DIR / "try_it.py", title="Try it", icon=":material/photo_camera:"
+            ),
+            st.Page(
                 PAGES_DIR / "history.py", title="History", icon=":material/history:"
             ),
         ]

@@ -59,6 +59,35 @@ def accuracy_chart(finished: list[TrainingRun]) -> None:
     st.line_chart(pd.DataFrame(points), x="run", y="holdout accuracy (%)")
 
 
+def newest_first_choice(label: str, items: list, format_func, key: str):
+    """A selectbox over `items` (rows with an `id`, newest first); the chosen row.
+
+    Keyed by the newest row's id, so a row that just appeared becomes the choice.
+    """
+    by_id = {item.id: item for item in items}
+    chosen = st.selectbox(
+        label,
+        list(by_id),
+        format_func=lambda i: format_func(by_id[i]),
+        key=f"{key}_{items[0].id}",
+    )
+    return by_id[chosen]
+
+
+def export_module(unavailable: str):
+    """`pipeline.export`, or a note that `unavailable` is missing and a stop.
+
+    Imported on demand so the other pages work where the export toolchain is
+    absent.
+    """
+    try:
+        import pipeline.export as exporting
+    except ImportError as error:
+        st.info(f"{unavailable} is not available in this installation: {error}.")
+        st.stop()
+    return exporting
+
+
 @st.cache_data(max_entries=1000, show_spinner=False)
 def thumbnail_bytes(path: str, sha256: str) -> bytes:
     return thumbnail(path, sha256).read_bytes()

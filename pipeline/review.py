@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, aliased
 from db.engine import session_scope
 from db.labels import StaleLabelError, apply_action
 from db.models import (
+    EXCLUDED,
     POOL,
     QUEUED,
     RUNNING,
@@ -425,6 +426,16 @@ def relabelled_count(session: Session) -> int:
 
 def skipped_files(session: Session) -> list[SkippedFile]:
     return list(session.scalars(select(SkippedFile).order_by(SkippedFile.path)))
+
+
+def training_photos(session: Session) -> list:
+    """Pool photos left in training (not excluded), by file name: id, path, label."""
+    rows = session.execute(
+        select(Photo.id, Photo.path, Photo.label).where(
+            Photo.split == POOL, Photo.status != EXCLUDED
+        )
+    ).all()
+    return sorted(rows, key=lambda row: (Path(row.path).name, row.id))
 
 
 def list_runs(session: Session) -> list[TrainingRun]:

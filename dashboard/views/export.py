@@ -1,16 +1,20 @@
 """Export: write a finished run as a phone-ready model file, checked, to download."""
 
-import tempfile
 from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from dashboard.components import format_percent, job_panel, run_label
+from dashboard.components import (
+    export_module,
+    format_percent,
+    job_panel,
+    newest_first_choice,
+    run_label,
+)
 from db.engine import session_scope
 from db.models import DONE, TrainingRun
-from pipeline.images import BadImageError, load_rgb
 from pipeline.jobs import start_job
 from pipeline.review import is_active, list_runs
 
@@ -123,52 +127,9 @@ def _downloads(export) -> None:
         columns[1].warning("This export has no sidecar JSON file.")
 
 
-def _try_export(exporting, export, classes: list[str]) -> None:
-    upload = st.file_uploader(
-        "Try it on a photo", type=["jpg", "jpeg", "png", "webp"], key="export_try"
-    )
-    if upload is None:
-        return
-    # Decoded from a file so the same rules apply as everywhere else
-    # (EXIF orientation, RGB conversion, decompression-bomb limit).
-    with tempfile.NamedTemporaryFile(suffix=Path(upload.name).suffix) as handle:
-        handle.write(upload.getvalue())
-        handle.flush()
-        try:
-            image = load_rgb(handle.name)
-        except BadImageError as error:
-            st.error(f"{upload.name}: {str(error).split(': ', 1)[-1]}")
-            return
-    try:
-        with st.spinner("Running the exported model…"):
-            label, confidence, probs = exporting.predict_with_export(export, image)
-    except (ValueError, OSError, RuntimeError) as error:
-        st.error(f"The exported model could not classify {upload.name}: {error}")
-        return
-    columns = st.columns([1, 2])
-    columns[0].image(image, width=240)
-    columns[1].metric(
-        "Prediction",
-        label,
-        f"{100 * confidence:.1f} % sure",
-        delta_color="off",
-        delta_arrow="off",
-    )
-    if len(probs) == len(classes):
-        columns[1].dataframe(
-            pd.DataFrame({"class": classes, "probability": [float(p) for p in probs]}),
-            hide_index=True,
-        )
-
-
 def export_page() -> None:
     st.title("Export")
-    try:
-        # Imported here so the other pages work where the export toolchain is absent.
-        import pipeline.export as exporting
-    except ImportError as error:
-        st.info(f"Exporting is not available in this installation: {error}.")
-        st.stop()
+    exporting = export_module("Exporting")
 
     job = job_panel("export", "export")
     with session_scope() as session:
@@ -185,18 +146,18 @@ def export_page() -> None:
         st.info("No exports yet: pick a run and press Export.")
         st.stop()
     st.dataframe(_checks_frame(exports), hide_index=True, width="stretch")
-    by_id = {export.id: export for export in exports}
-    # Keyed by the newest export, so a new export becomes the choice.
-    export_id = st.selectbox(
+    export = newest_first_choice(
         "Export",
-        list(by_id),
-        format_func=lambda i: f"export #{i}: {Path(by_id[i].path).name}",
-        key=f"export_selected_{exports[0].id}",
+        exports,
+        lambda export: f"export #{export.id}: {Path(export.path).name}",
+        key="export_selected",
     )
-    export = by_id[export_id]
     _downloads(export)
-    classes = next((list(run.classes) for run in runs if run.id == export.run_id), [])
-    _try_export(exporting, export, classes)
+    st.page_link(
+        "views/try_it.py",
+        label="Try an export on a photo",
+        icon=":material/photo_camera:",
+    )
 
 
 export_page()

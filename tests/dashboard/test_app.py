@@ -6,7 +6,7 @@ from db.models import Photo
 from tests.conftest import real_photos
 from tests.dashboard.conftest import APP, TIMEOUT, open_page
 
-PAGES = [None, "review", "duplicates", "train", "export", "history"]
+PAGES = [None, "review", "duplicates", "train", "export", "try_it", "history"]
 
 
 def photo_count() -> int:

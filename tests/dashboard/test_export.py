@@ -1,51 +1,15 @@
-import json
 import sys
 
-import numpy as np
-import pytest
 from sqlalchemy import select
 
 from db.engine import get_engine, session_scope
-from db.models import Export, Job
-from tests.conftest import real_photos
+from db.models import Job
 from tests.dashboard.conftest import open_page
-
-CHECKS = {
-    "agreement": 1.0,
-    "max_prob_diff": 4e-6,
-    "accuracy_holdout": 0.75,
-    "size_mb": 18.6,
-    "latency_ms_median": 9.8,
-}
 
 
 def job_params() -> list[dict]:
     with session_scope(get_engine()) as session:
         return [job.params for job in session.scalars(select(Job).order_by(Job.id))]
-
-
-@pytest.fixture
-def exports(trained):
-    """Two recorded exports of run 1 with files on disk, and one whose file is gone."""
-    folder = trained / "artifacts" / "exports"
-    folder.mkdir(parents=True)
-    model, sidecar = folder / "run1.pte", folder / "run1.json"
-    model.write_bytes(b"\0" * 2048)
-    sidecar.write_text(json.dumps({"labels": ["hot_dog", "not_hot_dog"]}))
-    onnx = folder / "run1.onnx"
-    onnx.write_bytes(b"\1" * 1024)
-    with session_scope(get_engine()) as session:
-        session.add_all(
-            [
-                Export(run_id=1, format="pte", path=str(model),
-                       sidecar_path=str(sidecar), size_bytes=2048, checks=CHECKS),
-                Export(run_id=1, format="onnx", path=str(onnx), sidecar_path=None,
-                       size_bytes=1024, checks={"agreement": 0.995}),
-                Export(run_id=1, format="pte", path=str(folder / "gone.pte"),
-                       sidecar_path=None, size_bytes=10, checks={}),
-            ]
-        )  # fmt: skip
-    return folder
 
 
 def test_without_a_finished_run_there_is_nothing_to_export(small_set):
@@ -96,28 +60,12 @@ def test_exports_are_listed_with_their_checks_and_files(exports):
     assert labels == ["Download run1.pte", "Download run1.json"]
 
 
-def test_trying_an_export_on_an_uploaded_photo(exports, monkeypatch):
-    import pipeline.export
-
-    seen = {}
-
-    def fake_predict(export, image):
-        seen["export"], seen["size"] = export.id, image.size
-        return "not_hot_dog", 0.875, np.array([0.125, 0.875])
-
-    monkeypatch.setattr(pipeline.export, "predict_with_export", fake_predict)
-    photo = real_photos("test", "hot_dog", 1)[0]
+def test_the_page_points_to_try_it_for_trying_an_export(exports):
     app = open_page("export")
-    app.selectbox(key="export_selected_2").select(1).run()
-    app.get("file_uploader")[0].set_value(
-        (photo.name, photo.read_bytes(), "image/jpeg")
-    )
-    app.run()
-
-    assert not app.exception
-    assert seen["export"] == 1 and min(seen["size"]) > 0
-    assert app.metric[0].value == "not_hot_dog"
-    assert app.metric[0].proto.delta == "87.5 % sure"
+    assert not app.get("file_uploader")
+    [link] = app.page_link
+    assert link.value == "Try an export on a photo"
+    assert link.proto.page == "try_it"
 
 
 def test_a_missing_export_module_leaves_a_message(trained, monkeypatch):
