@@ -101,13 +101,17 @@ def photo_thumbnail(path: str, sha256: str, width: int | str = "stretch") -> Non
         st.warning(f"Cannot show {path}: {error}")
 
 
-def show_flash(key: str) -> None:
+def show_flash(key: str, success_as_toast: bool = False) -> None:
     """Show once the (kind, text) a button's callback left in session state.
 
-    `kind` names the Streamlit call: success, info, warning or error.
+    `kind` names the Streamlit call: success, info, warning or error. Pages
+    worked through one photo after another show success as a toast, which
+    does not push the next photo down.
     """
     kind, text = st.session_state.pop(key, (None, None))
-    if kind in ("success", "info", "warning", "error"):
+    if kind == "success" and success_as_toast:
+        st.toast(text)
+    elif kind in ("success", "info", "warning", "error"):
         getattr(st, kind)(text)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard.components import undo_refused
+from dashboard.components import show_flash, undo_refused
 from db.engine import session_scope
 from db.labels import StaleLabelError, class_names, undo_event
 from pipeline.review import HistoryRow, event_sources, label_history
@@ -35,16 +35,6 @@ def undo(event_id: int, version: int) -> None:
         f"Undid event #{event_id}: photo #{event.photo_id} is {event.new_label} "
         f"({event.new_status}) again.",
     )
-
-
-def _show_flash() -> None:
-    kind, text = st.session_state.pop("history_flash", (None, None))
-    if kind == "warning":
-        st.warning(text)
-    elif kind == "error":
-        st.error(text)
-    elif kind == "success":
-        st.success(text)
 
 
 def _back_to_start() -> None:
@@ -77,7 +67,7 @@ def _row(row: HistoryRow) -> None:
 
 def history_page() -> None:
     st.title("History")
-    _show_flash()
+    show_flash("history_flash")
     with session_scope() as session:
         sources = event_sources(session)
         classes = class_names(session)

@@ -11,6 +11,7 @@ import streamlit as st
 from dashboard.components import (
     CLASS_KEYS,
     photo_navigation,
+    show_flash,
     thumbnail_bytes,
     undo_last_button,
     undo_refused,
@@ -44,18 +45,6 @@ UP_NEXT = 6
 
 def _flash(kind: str, text: str) -> None:
     st.session_state["label_flash"] = (kind, text)
-
-
-def _show_flash() -> None:
-    kind, text = st.session_state.pop("label_flash", (None, None))
-    if kind == "warning":
-        st.warning(text)
-    elif kind == "error":
-        st.error(text)
-    elif kind == "info":
-        st.info(text)
-    elif kind == "success":
-        st.toast(text)
 
 
 def _stale_warning(error: StaleLabelError) -> None:
@@ -245,7 +234,7 @@ def queue_view(classes: list[str]) -> None:
 
 def label_page() -> None:
     st.title("Label")
-    _show_flash()
+    show_flash("label_flash", success_as_toast=True)
     with session_scope() as session:
         classes = class_names(session)
         run = latest_run(session)

@@ -15,6 +15,7 @@ from dashboard.components import (
     confusion_frame,
     format_percent,
     photo_thumbnail,
+    show_flash,
 )
 from db.engine import session_scope
 from db.models import DONE, EXCLUDED, HOLDOUT, POOL, STATUSES
@@ -165,11 +166,7 @@ def _model_section() -> None:
 
 def overview_page() -> None:
     st.title("Overview")
-    kind, text = st.session_state.pop("overview_flash", (None, None))
-    if kind == "error":
-        st.error(text)
-    elif kind == "success":
-        st.success(text)
+    show_flash("overview_flash")
 
     with session_scope() as session:
         counts = photo_counts(session)

@@ -19,6 +19,7 @@ from dashboard.components import (
     CLASS_KEYS,
     event_summary,
     photo_navigation,
+    show_flash,
     thumbnail_bytes,
     undo_last_button,
     undo_refused,
@@ -56,18 +57,6 @@ def heatmap_bytes(
 
 def _flash(kind: str, text: str) -> None:
     st.session_state["review_flash"] = (kind, text)
-
-
-def _show_flash() -> None:
-    kind, text = st.session_state.pop("review_flash", (None, None))
-    if kind == "warning":
-        st.warning(text)
-    elif kind == "error":
-        st.error(text)
-    elif kind == "info":
-        st.info(text)
-    elif kind == "success":
-        st.toast(text)
 
 
 def _stale_warning(error: StaleLabelError) -> None:
@@ -462,7 +451,7 @@ def review_page() -> None:
         )
         st.stop()
 
-    _show_flash()
+    show_flash("review_flash", success_as_toast=True)
     acted_on = st.session_state.pop("review_acted_on", None)
     # A photo to bring into view: the one an undo just put back.
     show = st.session_state.pop("review_show_photo", None)
