@@ -1,6 +1,7 @@
 """Pieces several pages share: job progress, a run's holdout results, thumbnails,
 undo buttons."""
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
@@ -56,7 +57,18 @@ def accuracy_chart(finished: list[TrainingRun]) -> None:
     if not points:
         return
     st.markdown("**Holdout accuracy across runs**")
-    st.line_chart(pd.DataFrame(points), x="run", y="holdout accuracy (%)")
+    # Runs as ordered categories (whole-number ticks), each one a visible
+    # point, so that a single run shows too.
+    chart = (
+        alt.Chart(pd.DataFrame(points))
+        .mark_line(point=alt.OverlayMarkDef(size=80))
+        .encode(
+            x=alt.X("run:O", title="run", axis=alt.Axis(labelAngle=0)),
+            y=alt.Y("holdout accuracy (%):Q", scale=alt.Scale(zero=False)),
+            tooltip=["run", "holdout accuracy (%)"],
+        )
+    )
+    st.altair_chart(chart, width="stretch")
 
 
 def newest_first_choice(label: str, items: list, format_func, key: str):

@@ -181,15 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--data-dir", help="class-folder photo set (default DATA_DIR)")
     ingest.set_defaults(func=_ingest)
 
-    train = commands.add_parser("train", help="fine-tune on the current labels")
-    train.add_argument("--frozen-epochs", dest="frozen_epochs", type=int)
-    train.add_argument("--unfrozen-epochs", dest="unfrozen_epochs", type=int)
-    train.add_argument("--image-size", dest="image_size", type=int)
-    train.add_argument("--batch-size", dest="batch_size", type=int)
-    train.add_argument("--head-lr", dest="head_lr", type=float)
-    train.add_argument("--body-lr", dest="body_lr", type=float)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--folds", type=int)
+    train = commands.add_parser(
+        "train",
+        help="fine-tune on the current labels",
+        epilog="Options left out take the defaults the Train page shows; every "
+        "run stores the settings it used.",
+    )
+    for flag, kind, text in (
+        ("--frozen-epochs", int, "epochs of the new head alone, body frozen"),
+        ("--unfrozen-epochs", int, "epochs of all layers after that"),
+        ("--image-size", int, "square input side in pixels (32 to 1024)"),
+        ("--batch-size", int, "photos per step"),
+        ("--head-lr", float, "peak learning rate of the head"),
+        ("--body-lr", float, "peak learning rate of the body when unfrozen"),
+        ("--weight-decay", float, "weight decay"),
+        ("--label-smoothing", float, "label smoothing, from 0 up to 1"),
+        ("--seed", int, "random seed; the same seed gives the same run"),
+        ("--folds", int, "folds of the out-of-fold scoring (2 or more)"),
+    ):
+        train.add_argument(flag, dest=flag[2:].replace("-", "_"), type=kind, help=text)
+    train.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="average each holdout photo's prediction with its mirror image",
+    )
     train.add_argument(
         "--max-per-class",
         dest="max_per_class",
@@ -270,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     accept.add_argument("label")
     accept.set_defaults(func=_accept)
 
-    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
+    worker = commands.add_parser(
+        "worker", help="run one recorded job (the dashboard starts these)"
+    )
     worker.add_argument("job_id", type=int)
     worker.set_defaults(func=_worker)
     return parser

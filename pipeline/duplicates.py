@@ -127,7 +127,8 @@ def find_duplicates(
             *np.nonzero(np.triu(distance <= DHASH_MAX_BITS, k=1)), strict=True
         ):
             key = (hashed[i].id, hashed[j].id)
-            near[key] = f"difference hash {distance[i, j]} bits apart"
+            bits = distance[i, j]
+            near[key] = f"difference hash {bits} bit{'' if bits == 1 else 's'} apart"
     if use_embeddings and len(photos) > 1:
         features = imagenet_embeddings(photos)
         cosine = features @ features.T

@@ -92,6 +92,9 @@ def _checks_frame(exports) -> pd.DataFrame:
                 "agreement": format_percent(checks.get("agreement")),
                 "max prob diff": checks.get("max_prob_diff"),
                 "holdout accuracy": format_percent(checks.get("accuracy_holdout")),
+                "PyTorch, same input": format_percent(
+                    checks.get("pytorch_accuracy_holdout")
+                ),
                 "median latency (ms)": checks.get("latency_ms_median"),
                 "created (UTC)": export.created_at,
             }
@@ -146,6 +149,12 @@ def export_page() -> None:
         st.info("No exports yet: pick a run and press Export.")
         st.stop()
     st.dataframe(_checks_frame(exports), hide_index=True, width="stretch")
+    st.caption(
+        "Each file answers one view of a photo, as a phone would, and is compared "
+        "with PyTorch on that same view. A run's own holdout accuracy on the Train "
+        "page may differ when it averaged each photo with its mirror image "
+        "(test-time augmentation)."
+    )
     export = newest_first_choice(
         "Export",
         exports,

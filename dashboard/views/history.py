@@ -32,8 +32,8 @@ def undo(event_id: int, version: int) -> None:
         return
     st.session_state["history_flash"] = (
         "success",
-        f"Undid event #{event_id}: photo #{event.photo_id} is {event.new_label} "
-        f"({event.new_status}) again.",
+        f"Undid event #{event_id}: photo #{event.photo_id} is "
+        f"{event.new_label or 'unlabelled'} ({event.new_status}) again.",
     )
 
 

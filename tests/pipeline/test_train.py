@@ -172,3 +172,29 @@ def test_the_same_seed_gives_the_same_run(engine, small_set):
             for run in (first, second)
         ]
     assert np.allclose(probs[0], probs[1], atol=1e-4)
+
+
+def test_cli_passes_every_setting_and_names_a_bad_one(workspace, monkeypatch, capsys):
+    import pipeline.train
+    from pipeline.__main__ import main
+
+    seen = {}
+
+    def fake_train_run(session, config, progress):
+        seen["config"] = config
+        raise LookupError("stopped before training")
+
+    monkeypatch.setattr(pipeline.train, "train_run", fake_train_run)
+    argv = ["train", "--no-tta", "--weight-decay", "0.05", "--label-smoothing", "0"]
+    assert main([*argv, "--frozen-epochs", "3", "--seed", "7"]) == 2
+    config = seen["config"]
+    assert (config.tta, config.weight_decay, config.label_smoothing) == (False, 0.05, 0)
+    assert (config.frozen_epochs, config.seed) == (3, 7)
+    assert config.unfrozen_epochs == TrainConfig().unfrozen_epochs
+
+    seen.clear()
+    assert main(["train", "--batch-size", "0"]) == 2
+    assert (
+        "batch_size must be a whole number 1 or more, not 0" in capsys.readouterr().err
+    )
+    assert seen == {}
