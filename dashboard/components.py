@@ -153,6 +153,15 @@ def undo_last_button(container, key: str, source: str, on_click) -> None:
     )
 
 
+def change_refused(error: StaleLabelError, then: str = "") -> str:
+    """Why a change to a photo saved nothing: another one came first."""
+    return (
+        f"Photo #{error.photo_id} was changed since this page showed it: it is now "
+        f"**{error.label or 'unlabelled'}** ({error.status}). Nothing was saved"
+        f"{then}."
+    )
+
+
 def undo_refused(event_id: int, error: StaleLabelError) -> str:
     """Why undoing event `event_id` saved nothing, and what the photo is now."""
     now = f"is now **{error.label or 'unlabelled'}** ({error.status})"

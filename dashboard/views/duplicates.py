@@ -21,7 +21,7 @@ import math
 
 import streamlit as st
 
-from dashboard.components import photo_thumbnail, show_flash
+from dashboard.components import change_refused, photo_thumbnail, show_flash
 from db.engine import get_engine, session_scope
 from db.labels import StaleLabelError, apply_action
 from db.models import EXCLUDED, HOLDOUT, POOL
@@ -78,11 +78,7 @@ def act(photo_id: int, action: str, version: int) -> None:
                 session, photo_id, action, expected_version=version, source=SOURCE
             )
     except StaleLabelError as error:
-        _flash(
-            "warning",
-            f"Photo #{error.photo_id} was changed since this page showed it: it is "
-            f"now **{error.label}** ({error.status}). Nothing was saved.",
-        )
+        _flash("warning", change_refused(error))
         return
     except (LookupError, ValueError) as error:
         _flash("error", str(error))

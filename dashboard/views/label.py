@@ -10,6 +10,7 @@ import streamlit as st
 
 from dashboard.components import (
     CLASS_KEYS,
+    change_refused,
     photo_navigation,
     show_flash,
     thumbnail_bytes,
@@ -48,11 +49,7 @@ def _flash(kind: str, text: str) -> None:
 
 
 def _stale_warning(error: StaleLabelError) -> None:
-    _flash(
-        "warning",
-        f"Photo #{error.photo_id} was changed since this page showed it: it is now "
-        f"**{error.label or 'unlabelled'}** ({error.status}). Nothing was saved.",
-    )
+    _flash("warning", change_refused(error))
 
 
 def give_label(photo_id: int, version: int, label: str) -> None:

@@ -17,6 +17,7 @@ import streamlit as st
 
 from dashboard.components import (
     CLASS_KEYS,
+    change_refused,
     event_summary,
     photo_navigation,
     show_flash,
@@ -60,11 +61,7 @@ def _flash(kind: str, text: str) -> None:
 
 
 def _stale_warning(error: StaleLabelError) -> None:
-    _flash(
-        "warning",
-        f"Photo #{error.photo_id} was changed since this page showed it: it is now "
-        f"**{error.label}** ({error.status}). Nothing was saved; see it again below.",
-    )
+    _flash("warning", change_refused(error, "; see it again below"))
 
 
 def act(photo_id: int, action: str, version: int, new_label: str | None = None) -> None:

@@ -514,9 +514,9 @@ def test_load_exported_refuses_wrong_input(fp32_exports, session):
         load_exported(Path(export.path).with_name("model.tflite"))
 
 
-def test_fp32_disagreement_is_refused_and_leaves_nothing(
-    studio, fp32_exports, session, monkeypatch
-):
+@pytest.fixture
+def swapped_runtime(monkeypatch):
+    """Every exported file answers with its class scores in reverse order."""
     real_loader = export_module._load_runner
 
     def swapped_classes(path, kind, threads=None):
@@ -524,6 +524,11 @@ def test_fp32_disagreement_is_refused_and_leaves_nothing(
         return lambda x: runner(x)[::-1].copy()
 
     monkeypatch.setattr(export_module, "_load_runner", swapped_classes)
+
+
+def test_fp32_disagreement_is_refused_and_leaves_nothing(
+    studio, fp32_exports, session, swapped_runtime
+):
     before_rows, before_files = _export_count(session), _files(studio.exports_dir)
 
     with pytest.raises(ExportRefusedError) as refused:
@@ -537,15 +542,8 @@ def test_fp32_disagreement_is_refused_and_leaves_nothing(
 
 
 def test_int8_disagreement_is_refused_with_its_numbers(
-    studio, fp32_exports, session, monkeypatch
+    studio, fp32_exports, session, swapped_runtime
 ):
-    real_loader = export_module._load_runner
-
-    def swapped_classes(path, kind, threads=None):
-        runner = real_loader(path, kind, threads)
-        return lambda x: runner(x)[::-1].copy()
-
-    monkeypatch.setattr(export_module, "_load_runner", swapped_classes)
     before_rows, before_files = _export_count(session), _files(studio.exports_dir)
     config = ExportConfig(int8=True, calibration_photos=4, min_int8_agreement=0.9)
 
