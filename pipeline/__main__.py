@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--label-smoothing", float, "label smoothing, from 0 up to 1"),
         ("--seed", int, "random seed; the same seed gives the same run"),
         ("--folds", int, "folds of the out-of-fold scoring (2 or more)"),
+        ("--crop-views", int, "random crops per photo the head trains on"),
+        ("--head-hidden", int, "units of the head's hidden layer (0: linear head)"),
+        ("--head-dropout", float, "dropout before and inside the head, below 1"),
     ):
         train.add_argument(flag, dest=flag[2:].replace("-", "_"), type=kind, help=text)
     train.add_argument(

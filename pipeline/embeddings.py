@@ -7,7 +7,10 @@ network and are kept beside its weights.
 
 The cache holds the raw pooled features of two views of each photo (as is,
 and mirrored), shape (2, 1280): training fits the new head on them while the
-body is frozen, and scoring uses their mean, L2-normalised.
+body is frozen, and scoring uses their mean, L2-normalised. A second cache
+holds random crops of each photo, shape (K, 1280), for training only. The
+crops are drawn from a generator seeded by the photo's content hash, so a
+photo gets the same crops whenever, and with whatever others, it is embedded.
 """
 
 import logging
@@ -23,8 +26,8 @@ from torch import nn
 
 from db.models import Photo, TrainingRun
 from db.settings import get_settings
-from pipeline.images import IMAGE_SIZE
-from pipeline.infer import run_model
+from pipeline.images import IMAGE_SIZE, load_rgb, random_crop, to_array
+from pipeline.infer import batch_size_for, keep_freed_memory, run_model
 from pipeline.model import create_model, get_device, load_weights
 
 logger = logging.getLogger(__name__)
@@ -74,29 +77,72 @@ def _embed_views(model: nn.Module, paths: list[str], size: int) -> np.ndarray:
         pooled = m.forward_head(m.forward_features(views), pre_logits=True)
         return torch.stack(pooled.chunk(2), dim=1)  # (B, 2, D)
 
-    return run_model(model, paths, size, batch_size=16, fn=both_views)
+    # Each photo runs twice (as is and mirrored): half a batch of photos.
+    half = max(1, batch_size_for(next(model.parameters()).device) // 2)
+    return run_model(model, paths, size, batch_size=half, fn=both_views)
+
+
+def crop_seed(sha256: str) -> int:
+    """The seed of a photo's random crops: its content hash, not its place."""
+    return int(sha256[:16], 16)
+
+
+@torch.inference_mode()
+def _embed_crops(
+    model: nn.Module, photos: list[Photo], size: int, count: int
+) -> np.ndarray:
+    """(B, count, D) pooled features of `count` random crops of each photo."""
+    keep_freed_memory()
+    device = next(model.parameters()).device
+    crops = []
+    for photo in photos:
+        image = load_rgb(photo.path)
+        rng = np.random.default_rng(crop_seed(photo.sha256))
+        crops.extend(to_array(random_crop(image, size, rng)) for _ in range(count))
+    pooled = []
+    step = batch_size_for(device)
+    for start in range(0, len(crops), step):
+        batch = torch.from_numpy(np.stack(crops[start : start + step]))
+        features = model.forward_features(batch.to(device))
+        pooled.append(model.forward_head(features, pre_logits=True).float().cpu())
+    return torch.cat(pooled).numpy().reshape(len(photos), count, -1)
 
 
 def _cached_views(
-    path: Path, photos: list[Photo], model_fn, size: int, progress=None
+    path: Path,
+    photos: list[Photo],
+    model_fn,
+    embed,
+    n_views: int,
+    chunk: int,
+    progress=None,
 ) -> np.ndarray:
-    """(N, 2, D) raw features of `photos`, computing only the missing ones."""
+    """(N, V, D) raw features of `photos`, computing only the missing ones.
+
+    `embed(model, photos)` computes the (B, V, D) features of a few photos.
+    """
     cache = _load_cache(path)
     missing = [p for p in photos if p.sha256 not in cache]
     if missing:
         logger.info("embedding %d photos into %s", len(missing), path.name)
         model = model_fn()
-        chunk = 64
         for start in range(0, len(missing), chunk):
             part = missing[start : start + chunk]
-            features = _embed_views(model, [p.path for p in part], size)
+            features = embed(model, part)
             cache.update(zip([p.sha256 for p in part], features, strict=True))
             if progress is not None:
                 progress(min(start + chunk, len(missing)) / len(missing))
         _save_cache(path, cache)
     if not photos:
-        return np.zeros((0, 2, 0), dtype=np.float32)
+        return np.zeros((0, n_views, 0), dtype=np.float32)
     return np.stack([cache[p.sha256] for p in photos])
+
+
+def _views_of(size: int):
+    def embed(model: nn.Module, photos: list[Photo]) -> np.ndarray:
+        return _embed_views(model, [p.path for p in photos], size)
+
+    return embed
 
 
 def _imagenet_path(size: int) -> Path:
@@ -107,7 +153,21 @@ def imagenet_views(
     photos: list[Photo], size: int = IMAGE_SIZE, progress=None
 ) -> np.ndarray:
     """(N, 2, 1280) raw ImageNet features of each photo and its mirror image."""
-    return _cached_views(_imagenet_path(size), photos, _imagenet_model, size, progress)
+    return _cached_views(
+        _imagenet_path(size), photos, _imagenet_model, _views_of(size), 2, 64, progress
+    )
+
+
+def imagenet_crops(
+    photos: list[Photo], size: int, count: int, progress=None
+) -> np.ndarray:
+    """(N, count, 1280) raw ImageNet features of random crops of each photo."""
+    path = _imagenet_path(size).with_name(f"imagenet-{size}-crops{count}.npz")
+
+    def embed(model: nn.Module, part: list[Photo]) -> np.ndarray:
+        return _embed_crops(model, part, size, count)
+
+    return _cached_views(path, photos, _imagenet_model, embed, count, 8, progress)
 
 
 def imagenet_embeddings(photos: list[Photo], size: int = IMAGE_SIZE) -> np.ndarray:
@@ -129,4 +189,5 @@ def run_embeddings(
         return load_weights(run.artifact_path, len(run.classes)).to(get_device())
 
     size = run.config.get("image_size", IMAGE_SIZE)
-    return normalise(_cached_views(path, photos, model_fn, size).mean(axis=1))
+    views = _cached_views(path, photos, model_fn, _views_of(size), 2, 64)
+    return normalise(views.mean(axis=1))

@@ -155,6 +155,35 @@ def center_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def random_crop(
+    image: Image.Image, size: int, rng: np.random.Generator, min_area: float = 0.35
+) -> Image.Image:
+    """A random part of `image` resized to `size` x `size`, mirrored half the time.
+
+    The part covers between `min_area` and all of the image's area, with a
+    width-to-height ratio between 3:4 and 4:3; when ten draws do not fit, the
+    centre square is used. For training only: inference uses `preprocess`.
+    """
+    width, height = image.size
+    for _ in range(10):
+        area = width * height * rng.uniform(min_area, 1.0)
+        ratio = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        crop_w = round((area * ratio) ** 0.5)
+        crop_h = round((area / ratio) ** 0.5)
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left = int(rng.integers(0, width - crop_w + 1))
+            top = int(rng.integers(0, height - crop_h + 1))
+            break
+    else:
+        crop_w = crop_h = min(width, height)
+        left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    part = image.crop((left, top, left + crop_w, top + crop_h))
+    part = part.resize((size, size), RESAMPLE, reducing_gap=None)
+    if rng.random() < 0.5:
+        part = part.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return part
+
+
 def to_array(image: Image.Image) -> np.ndarray:
     """An RGB image of side `size` as a normalised float32 array (3, H, W)."""
     array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)

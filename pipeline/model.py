@@ -50,19 +50,36 @@ def load_imagenet_weights(model: nn.Module) -> None:
     model.load_state_dict(mapped)
 
 
-def create_model(num_classes: int | None = None, pretrained: bool = True) -> nn.Module:
+def create_model(
+    num_classes: int | None = None,
+    pretrained: bool = True,
+    head_hidden: int = 0,
+    drop_rate: float | None = None,
+) -> nn.Module:
     """EfficientNet-Lite0, ImageNet-trained unless `pretrained=False`.
 
     Args:
         num_classes: size of a fresh classifier head; `None` keeps the
             1000-class ImageNet head.
         pretrained: load the packaged ImageNet weights into the body.
+        head_hidden: units of a hidden layer in the fresh head (linear, ReLU,
+            dropout, linear); 0 for a single linear layer.
+        drop_rate: dropout on the pooled features before the head, and inside
+            it; `None` keeps the architecture's 0.2.
     """
-    model = timm.create_model(ARCHITECTURE, pretrained=False)
+    options = {} if drop_rate is None else {"drop_rate": drop_rate}
+    model = timm.create_model(ARCHITECTURE, pretrained=False, **options)
     if pretrained:
         load_imagenet_weights(model)
     if num_classes is not None:
         model.reset_classifier(num_classes)
+        if head_hidden:
+            model.classifier = nn.Sequential(
+                nn.Linear(model.num_features, head_hidden),
+                nn.ReLU(),
+                nn.Dropout(model.drop_rate),
+                nn.Linear(head_hidden, num_classes),
+            )
     return model
 
 
@@ -87,9 +104,21 @@ def save_weights(model: nn.Module, path: Path) -> None:
     partial.replace(path)
 
 
+def head_hidden_of(state: dict[str, torch.Tensor]) -> int:
+    """Units of the hidden layer of a saved head; 0 for a single linear layer."""
+    first = state.get("classifier.0.weight")
+    return 0 if first is None else int(first.shape[0])
+
+
 def load_weights(path: str | Path, num_classes: int) -> nn.Module:
-    """A model for inference from a saved state dict (plain tensors only)."""
-    model = create_model(num_classes, pretrained=False)
+    """A model for inference from a saved state dict (plain tensors only).
+
+    The head's shape is read from the state dict, so runs saved with a linear
+    head and with a hidden layer both load.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_model(
+        num_classes, pretrained=False, head_hidden=head_hidden_of(state)
+    )
     model.load_state_dict(state)
     return model.eval()

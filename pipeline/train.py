@@ -1,8 +1,14 @@
 """Fine-tune EfficientNet-Lite0 with fastai on the current labels.
 
-A run reads top to bottom: load labels from the database, build data loaders,
-fit (head first with the body frozen, then everything), evaluate on the
-holdout, score every pool photo out-of-fold, record.
+A run reads top to bottom: load labels from the database, fit (the new head
+first with the body frozen, then, if asked, the whole network), evaluate on
+the holdout, score every pool photo out-of-fold, record.
+
+The default recipe first trains the new head (a hidden layer of 1024 units)
+for 20 epochs on cached body features of each photo's centre view, its
+mirror image and six random crops, then all layers for one epoch with the
+body at a low learning rate. Against a linear head on centre views only, the
+crops and the hidden layer gain about two points (BENCHMARKS.md).
 
 The body's BatchNorm layers stay in eval mode throughout: with batches of a
 few dozen photos their running statistics drift away from the ImageNet ones
@@ -48,7 +54,7 @@ from db.models import (
     utcnow,
 )
 from db.settings import get_settings
-from pipeline.embeddings import imagenet_views
+from pipeline.embeddings import imagenet_crops, imagenet_views
 from pipeline.images import MEAN, STD, BadImageError, load_rgb, resize_short
 from pipeline.infer import predict_probs
 from pipeline.model import body_and_head, create_model, get_device, save_weights
@@ -58,6 +64,9 @@ from pipeline.scoring import limit_per_class, score_run
 logger = logging.getLogger(__name__)
 
 MIN_PHOTOS_PER_CLASS = 2
+# Views per step when the head trains on cached features (`batch_size` is for
+# image epochs): a few thousand views, so larger steps, fewer of them.
+FEATURE_BATCH_SIZE = 128
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 
 
@@ -69,13 +78,20 @@ class TrainConfig:
     batch_size: int = 32
     frozen_epochs: int = 20
     unfrozen_epochs: int = 1
-    head_lr: float = 3e-3
+    head_lr: float = 2e-3
     body_lr: float = 1e-5
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     tta: bool = True
     # Train the head on cached body features instead of frozen image epochs.
     head_on_features: bool = True
+    # Random crops of each pool photo, besides the centre view and its
+    # mirror, that the head trains on (with `head_on_features`).
+    crop_views: int = 6
+    # Units of the head's hidden layer; 0 for a single linear layer.
+    head_hidden: int = 1024
+    # Dropout before the head and inside it.
+    head_dropout: float = 0.5
     folds: int = 10
     seed: int = 42
     # Only for quick trials and tests: at most this many pool/holdout photos
@@ -114,6 +130,8 @@ class TrainConfig:
         whole("unfrozen_epochs", 0)
         whole("folds", 2)
         whole("seed", 0)
+        whole("crop_views", 0)
+        whole("head_hidden", 0)
         if self.frozen_epochs + self.unfrozen_epochs == 0:
             raise ValueError(
                 "frozen_epochs and unfrozen_epochs are both 0: set at least one epoch"
@@ -124,6 +142,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be above 0, not 0")
         rate("weight_decay", 0.0, 1.0, True)
         rate("label_smoothing", 0.0, 1.0, False)
+        rate("head_dropout", 0.0, 1.0, False)
         for name in ("tta", "head_on_features"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
@@ -300,31 +319,49 @@ def fit_head_on_features(
 
     With the body frozen and its BatchNorm in eval mode, the body's output for
     a given view of a photo never changes, so it is computed once per photo
-    (the photo and its mirror image, shared with the ranking's cache) and
-    the head trains on it for many epochs in about a second.
+    and kept: the photo and its mirror image (shared with the ranking's
+    cache) and `config.crop_views` random crops, which stand in for the
+    augmentation of image epochs. The head then trains on them for many
+    epochs in seconds, and a retrain embeds only photos it has not seen.
     """
+    embed_end, head_end = _phase_ends(config)
+    n_views = 2 + config.crop_views
+
+    def report(start: float, end: float):
+        message = f"embedding {len(photos)} photos, {n_views} views each"
+        return lambda f: progress(start + (end - start) * f, message)
+
+    centre_share = 2 / n_views
     views = imagenet_views(
-        photos,
-        config.image_size,
-        progress=lambda f: progress(0.3 * f, f"embedding {len(photos)} photos"),
+        photos, config.image_size, progress=report(0.0, embed_end * centre_share)
     )  # (N, 2, D)
     _check_cancel(progress)
+    if config.crop_views:
+        crops = imagenet_crops(
+            photos,
+            config.image_size,
+            config.crop_views,
+            progress=report(embed_end * centre_share, embed_end),
+        )  # (N, crop_views, D)
+        views = np.concatenate([views, crops], axis=1)
+        _check_cancel(progress)
     # Computing features may have built a model (and drawn random numbers) or
     # not, if they were cached; reseed so both cases train alike.
     seed_everything(config.seed)
     index = {name: i for i, name in enumerate(classes)}
-    labels = torch.tensor([index[p.label] for p in photos]).repeat_interleave(2)
-    features = torch.from_numpy(views.reshape(-1, views.shape[-1]))  # (2N, D)
+    labels = torch.tensor([index[p.label] for p in photos])
+    labels = labels.repeat_interleave(views.shape[1])
+    features = torch.from_numpy(views.reshape(-1, views.shape[-1]))  # (N*V, D)
     head = nn.Sequential(nn.Dropout(model.drop_rate), model.get_classifier())
     loaders = DataLoaders(
         TfmdDL(
             list(zip(features, labels, strict=True)),
-            bs=64,
+            bs=FEATURE_BATCH_SIZE,
             shuffle=True,
-            drop_last=len(labels) > 64,
+            drop_last=len(labels) > FEATURE_BATCH_SIZE,
             device=device,
         ),
-        TfmdDL([], bs=64, device=device),
+        TfmdDL([], bs=FEATURE_BATCH_SIZE, device=device),
         device=device,
     )
     learner = Learner(
@@ -333,12 +370,23 @@ def fit_head_on_features(
         loss_func=CrossEntropyLossFlat(label_smoothing=config.label_smoothing),
         cbs=[_SkipValidation()],
     )
-    cb = _ReportProgress(progress, 0.3, 0.35, "head")
+    cb = _ReportProgress(progress, embed_end, head_end, "head")
     with learner.no_bar(), learner.no_logging():
         learner.fit_one_cycle(
             config.frozen_epochs, config.head_lr, wd=config.weight_decay, cbs=[cb]
         )
     _check_cancel(progress)
+
+
+def _phase_ends(config: TrainConfig) -> tuple[float, float]:
+    """Where embedding and the head's epochs end on the progress bar (0-1).
+
+    Evaluation and scoring take the last 15 %; the whole network's epochs,
+    when there are any, take most of the rest.
+    """
+    if config.unfrozen_epochs:
+        return 0.4, 0.45
+    return 0.8, 0.85
 
 
 def fit(
@@ -348,7 +396,7 @@ def fit(
     # Phase 1: only the new head learns, on images.
     if config.frozen_epochs and not head_done:
         learner.freeze()
-        cb = _ReportProgress(progress, 0.0, 0.35, "head")
+        cb = _ReportProgress(progress, 0.0, _phase_ends(config)[1], "head")
         learner.fit_one_cycle(
             config.frozen_epochs, config.head_lr, wd=config.weight_decay, cbs=[cb]
         )
@@ -357,7 +405,7 @@ def fit(
     # Phase 2: the whole network, the body at a tenth of the head's rate or less.
     if config.unfrozen_epochs:
         learner.unfreeze()
-        cb = _ReportProgress(progress, 0.35, 0.85, "all layers")
+        cb = _ReportProgress(progress, _phase_ends(config)[1], 0.85, "all layers")
         learner.fit_one_cycle(
             config.unfrozen_epochs,
             slice(config.body_lr, config.head_lr / 10),
@@ -436,7 +484,11 @@ def train_run(
 
     try:
         started = time.perf_counter()
-        model = create_model(len(classes)).to(device)
+        model = create_model(
+            len(classes),
+            head_hidden=config.head_hidden,
+            drop_rate=config.head_dropout,
+        ).to(device)
 
         # Phase 1 on cached features, when the recipe says so.
         head_done = config.head_on_features and config.frozen_epochs > 0
@@ -445,7 +497,10 @@ def train_run(
 
         # Build data loaders and fit, unless the head alone was the recipe.
         if config.unfrozen_epochs or not head_done:
-            progress(0.35 if head_done else 0.0, f"decoding {len(pool)} photos")
+            progress(
+                _phase_ends(config)[1] if head_done else 0.0,
+                f"decoding {len(pool)} photos",
+            )
             loaders, run.n_train = build_dataloaders(pool, classes, config, device)
             seed_everything(config.seed + 1)
             learner = Learner(

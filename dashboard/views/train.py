@@ -119,6 +119,32 @@ def _settings_form(running: bool) -> TrainConfig | None:
             value=defaults.tta,
             help="Average each holdout photo's prediction with its mirror image.",
         )
+        fourth = st.columns(4)
+        crop_views = fourth[0].number_input(
+            "Random crops per photo",
+            key="train_crop_views",
+            min_value=0,
+            max_value=32,
+            value=defaults.crop_views,
+            help="Views of each photo, besides the centre and its mirror image, "
+            "that the head trains on. Computed once per photo and kept.",
+        )
+        head_hidden = fourth[1].number_input(
+            "Head hidden units (0 = linear)",
+            key="train_head_hidden",
+            min_value=0,
+            max_value=4096,
+            step=128,
+            value=defaults.head_hidden,
+        )
+        head_dropout = fourth[2].number_input(
+            "Head dropout",
+            key="train_head_dropout",
+            min_value=0.0,
+            max_value=0.9,
+            value=defaults.head_dropout,
+            format="%.2f",
+        )
         pressed = st.form_submit_button(
             "Train",
             key="train_submit",
@@ -141,6 +167,9 @@ def _settings_form(running: bool) -> TrainConfig | None:
         weight_decay=float(weight_decay),
         label_smoothing=float(smoothing),
         tta=bool(tta),
+        crop_views=int(crop_views),
+        head_hidden=int(head_hidden),
+        head_dropout=float(head_dropout),
         folds=int(folds),
         seed=int(seed),
         max_per_class=int(limit) or None,

@@ -30,6 +30,8 @@ def test_train_button_starts_a_job_with_the_form_settings(small_set, no_workers)
     app.number_input(key="train_unfrozen_epochs").set_value(0)
     app.number_input(key="train_image_size").set_value(160)
     app.number_input(key="train_max_per_class").set_value(40)
+    app.number_input(key="train_crop_views").set_value(2)
+    app.number_input(key="train_head_hidden").set_value(0)
     app.button(key="train_submit").click().run()
 
     assert not app.exception
@@ -40,6 +42,8 @@ def test_train_button_starts_a_job_with_the_form_settings(small_set, no_workers)
         "unfrozen_epochs": 0,
         "image_size": 160,
         "max_per_class": 40,
+        "crop_views": 2,
+        "head_hidden": 0,
     }
     # Every other setting is TrainConfig's default.
     assert job.params == {**asdict(TrainConfig()), **changed}

@@ -8,6 +8,7 @@ from pipeline.images import (
     load_rgb,
     preprocess,
     preprocess_file,
+    random_crop,
     resize_short,
     to_rgb,
 )
@@ -91,3 +92,41 @@ def test_truncated_jpeg_is_refused(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(BadImageError, match="cut.jpg"):
         load_rgb(path)
+
+
+def _striped(width: int, height: int) -> Image.Image:
+    """An image whose pixel (x, y) is (x, y, 0) scaled to 0-255: crops show where."""
+    xs = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, 0)
+    ys = np.linspace(0, 255, height, dtype=np.float32)[:, None].repeat(width, 1)
+    pixels = np.stack([xs, ys, np.zeros_like(xs)], axis=-1).round().astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_random_crops_are_reproducible_sized_and_vary():
+    image = _striped(400, 300)
+    first = [random_crop(image, 64, rng) for rng in [np.random.default_rng(5)] * 4]
+    again = [random_crop(image, 64, rng) for rng in [np.random.default_rng(5)] * 4]
+    assert all(c.size == (64, 64) for c in first)
+    for a, b in zip(first, again, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    # Four draws from one generator are four different parts of the image.
+    means = {
+        tuple(np.asarray(c, dtype=float).mean(axis=(0, 1)).round(1)) for c in first
+    }
+    assert len(means) == 4
+
+
+def test_random_crop_covers_at_least_the_minimum_area():
+    image = _striped(400, 400)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        crop = np.asarray(random_crop(image, 32, rng, min_area=0.5), dtype=float)
+        # The red channel runs 0-255 across the full width: a crop spanning at
+        # least sqrt(0.5 * 3/4) of it shows a range of at least that share.
+        span = crop[..., 0].max() - crop[..., 0].min()
+        assert span >= 255 * (0.5 * 3 / 4) ** 0.5 * 0.9
+
+
+def test_random_crop_of_a_tiny_image_still_has_the_asked_size():
+    crop = random_crop(_striped(3, 2), 16, np.random.default_rng(1))
+    assert crop.size == (16, 16)

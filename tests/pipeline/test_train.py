@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sqlalchemy import select
+from torch import nn
 
 from db.engine import session_scope
 from db.labels import apply_action
@@ -24,7 +26,7 @@ from tests.conftest import make_photo_set
 
 QUICK = dict(
     image_size=128,
-    frozen_epochs=2,
+    frozen_epochs=10,
     unfrozen_epochs=0,
     folds=3,
     tta=False,
@@ -46,7 +48,7 @@ def test_training_beats_the_untrained_head_and_reloads_identically(engine, works
         holdout = _holdout(session)
         truth = np.array([p.label == "not_hot_dog" for p in holdout], dtype=int)
         seed_everything(config.seed)
-        untrained = create_model(2).eval()
+        untrained = create_model(2, head_hidden=config.head_hidden).eval()
         before = (
             predict_probs(untrained, [p.path for p in holdout], 128).argmax(1) == truth
         ).mean()
@@ -148,6 +150,9 @@ def test_unknown_setting_is_named():
         ({"folds": 1}, "folds must be a whole number 2 or more, not 1"),
         ({"tta": "yes"}, "tta must be true or false, not 'yes'"),
         ({"max_per_class": 0}, "max_per_class must be a whole number 1 or more"),
+        ({"crop_views": -1}, "crop_views must be a whole number 0 or more, not -1"),
+        ({"head_hidden": 1.5}, "head_hidden must be a whole number 0 or more"),
+        ({"head_dropout": 1}, "head_dropout must be a number in [0.0, 1.0), not 1"),
     ],
 )
 def test_settings_that_cannot_train_are_named(values, named):
@@ -186,10 +191,12 @@ def test_cli_passes_every_setting_and_names_a_bad_one(workspace, monkeypatch, ca
 
     monkeypatch.setattr(pipeline.train, "train_run", fake_train_run)
     argv = ["train", "--no-tta", "--weight-decay", "0.05", "--label-smoothing", "0"]
+    argv += ["--crop-views", "2", "--head-hidden", "0", "--head-dropout", "0.25"]
     assert main([*argv, "--frozen-epochs", "3", "--seed", "7"]) == 2
     config = seen["config"]
     assert (config.tta, config.weight_decay, config.label_smoothing) == (False, 0.05, 0)
     assert (config.frozen_epochs, config.seed) == (3, 7)
+    assert (config.crop_views, config.head_hidden, config.head_dropout) == (2, 0, 0.25)
     assert config.unfrozen_epochs == TrainConfig().unfrozen_epochs
 
     seen.clear()
@@ -198,3 +205,18 @@ def test_cli_passes_every_setting_and_names_a_bad_one(workspace, monkeypatch, ca
         "batch_size must be a whole number 1 or more, not 0" in capsys.readouterr().err
     )
     assert seen == {}
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_saved_weights_reload_with_their_head(tmp_path, hidden):
+    from pipeline.model import save_weights
+
+    seed_everything(0)
+    model = create_model(3, head_hidden=hidden).eval()
+    save_weights(model, tmp_path / "model.pt")
+    loaded = load_weights(tmp_path / "model.pt", 3)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-5)
+    layers = [m for m in loaded.get_classifier().modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in layers] == ([16, 3] if hidden else [3])
