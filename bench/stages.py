@@ -67,7 +67,7 @@ def stage_baselines(workdir: Path) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from db.engine import session_scope
-    from pipeline.infer import run_model
+    from pipeline.infer import pooled_features, run_model
     from pipeline.model import IMAGENET_HOTDOG, create_model
 
     engine = _fresh_database(workdir, "baselines")
@@ -81,7 +81,7 @@ def stage_baselines(workdir: Path) -> dict:
     model = create_model(None).eval()
 
     def logits_and_features(m, x):
-        features = m.forward_head(m.forward_features(x), pre_logits=True)
+        features = pooled_features(m, x)
         return torch.cat([m.get_classifier()(features), features], dim=1)
 
     started = time.perf_counter()

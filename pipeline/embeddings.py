@@ -27,7 +27,7 @@ from torch import nn
 from db.models import Photo, TrainingRun
 from db.settings import get_settings
 from pipeline.images import IMAGE_SIZE, load_rgb, random_crop, to_array
-from pipeline.infer import batch_size_for, keep_freed_memory, run_model
+from pipeline.infer import batch_size_for, pooled_features, run_batches, run_model
 from pipeline.model import create_model, get_device, load_weights
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _save_cache(path: Path, cache: dict[str, np.ndarray]) -> None:
 def _embed_views(model: nn.Module, paths: list[str], size: int) -> np.ndarray:
     def both_views(m, x):
         views = torch.cat([x, torch.flip(x, dims=[3])])  # (2B, 3, H, W)
-        pooled = m.forward_head(m.forward_features(views), pre_logits=True)
+        pooled = pooled_features(m, views)
         return torch.stack(pooled.chunk(2), dim=1)  # (B, 2, D)
 
     # Each photo runs twice (as is and mirrored): half a batch of photos.
@@ -87,25 +87,22 @@ def crop_seed(sha256: str) -> int:
     return int(sha256[:16], 16)
 
 
-@torch.inference_mode()
 def _embed_crops(
     model: nn.Module, photos: list[Photo], size: int, count: int
 ) -> np.ndarray:
     """(B, count, D) pooled features of `count` random crops of each photo."""
-    keep_freed_memory()
-    device = next(model.parameters()).device
     crops = []
     for photo in photos:
         image = load_rgb(photo.path)
         rng = np.random.default_rng(crop_seed(photo.sha256))
         crops.extend(to_array(random_crop(image, size, rng)) for _ in range(count))
-    pooled = []
-    step = batch_size_for(device)
-    for start in range(0, len(crops), step):
-        batch = torch.from_numpy(np.stack(crops[start : start + step]))
-        features = model.forward_features(batch.to(device))
-        pooled.append(model.forward_head(features, pre_logits=True).float().cpu())
-    return torch.cat(pooled).numpy().reshape(len(photos), count, -1)
+    step = batch_size_for(next(model.parameters()).device)
+    batches = (
+        torch.from_numpy(np.stack(crops[start : start + step]))
+        for start in range(0, len(crops), step)
+    )
+    pooled = run_batches(model, batches, fn=pooled_features)
+    return pooled.reshape(len(photos), count, -1)
 
 
 def _cached_views(

@@ -3,7 +3,7 @@
 import ctypes
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -54,28 +54,30 @@ def batched_inputs(paths: Sequence[str | Path], size: int, batch_size: int):
         yield torch.from_numpy(np.stack([preprocess_file(p, size) for p in chunk]))
 
 
+def pooled_features(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The pooled features the classifier reads, shape (B, 1280)."""
+    return model.forward_head(model.forward_features(batch), pre_logits=True)
+
+
 @torch.inference_mode()
-def run_model(
+def run_batches(
     model: nn.Module,
-    paths: Sequence[str | Path],
-    size: int = IMAGE_SIZE,
-    batch_size: int | None = None,
+    batches: Iterable[torch.Tensor],
     fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     tta: bool = False,
 ) -> np.ndarray:
-    """Apply `fn(model, batch)` (default: softmax of the logits) to every photo.
+    """Apply `fn(model, batch)` (default: softmax of the logits) to each batch.
 
-    With `tta`, the output is the mean over the photo and its mirror image.
-    `batch_size` defaults to what suits the model's device.
+    With `tta`, the output is the mean over the batch and its mirror image.
+    The model runs in eval mode and is put back in the mode it was in.
     """
     keep_freed_memory()
     fn = fn or (lambda m, x: torch.softmax(m(x), dim=1))
     device = next(model.parameters()).device
-    batch_size = batch_size or batch_size_for(device)
     was_training = model.training
     model.eval()
     outputs = []
-    for batch in batched_inputs(paths, size, batch_size):
+    for batch in batches:
         batch = batch.to(device)  # (B, 3, size, size)
         out = fn(model, batch)
         if tta:
@@ -87,6 +89,23 @@ def run_model(
     return np.concatenate(outputs)
 
 
+def run_model(
+    model: nn.Module,
+    paths: Sequence[str | Path],
+    size: int = IMAGE_SIZE,
+    batch_size: int | None = None,
+    fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    tta: bool = False,
+) -> np.ndarray:
+    """`run_batches` over the photos at `paths`, preprocessed a batch at a time.
+
+    `batch_size` defaults to what suits the model's device.
+    """
+    device = next(model.parameters()).device
+    batch_size = batch_size or batch_size_for(device)
+    return run_batches(model, batched_inputs(paths, size, batch_size), fn, tta)
+
+
 def predict_probs(model, paths, size=IMAGE_SIZE, batch_size=None, tta=False):
     """Class probabilities, shape (len(paths), num_classes)."""
     return run_model(model, paths, size, batch_size, tta=tta)
@@ -94,8 +113,4 @@ def predict_probs(model, paths, size=IMAGE_SIZE, batch_size=None, tta=False):
 
 def embed(model, paths, size=IMAGE_SIZE, batch_size=None, tta=False):
     """Pooled features before the classifier, shape (len(paths), 1280)."""
-
-    def features(m, x):
-        return m.forward_head(m.forward_features(x), pre_logits=True)
-
-    return run_model(model, paths, size, batch_size, fn=features, tta=tta)
+    return run_model(model, paths, size, batch_size, fn=pooled_features, tta=tta)

@@ -65,7 +65,7 @@ def create_model(
         head_hidden: units of a hidden layer in the fresh head (linear, ReLU,
             dropout, linear); 0 for a single linear layer.
         drop_rate: dropout on the pooled features before the head, and inside
-            it; `None` keeps the architecture's 0.2.
+            it; `None` keeps timm's default for this architecture (none).
     """
     options = {} if drop_rate is None else {"drop_rate": drop_rate}
     model = timm.create_model(ARCHITECTURE, pretrained=False, **options)
