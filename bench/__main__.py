@@ -103,6 +103,8 @@ def print_table(results: dict) -> None:
                 "relabel_",
                 "al_",
                 "random_",
+                "run_",
+                "rerun_",
             )
         )
     }

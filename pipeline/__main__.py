@@ -201,12 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("--crop-views", int, "random crops per photo the head trains on"),
         ("--head-hidden", int, "units of the head's hidden layer (0: linear head)"),
         ("--head-dropout", float, "dropout before and inside the head, below 1"),
+        ("--tta-crops", int, "random crops per holdout photo with --tta"),
     ):
         train.add_argument(flag, dest=flag[2:].replace("-", "_"), type=kind, help=text)
     train.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
-        help="average each holdout photo's prediction with its mirror image",
+        help="average each holdout photo's prediction over its centre view, its "
+        "mirror image and --tta-crops random crops",
     )
     train.add_argument(
         "--max-per-class",

@@ -26,8 +26,14 @@ from torch import nn
 
 from db.models import Photo, TrainingRun
 from db.settings import get_settings
-from pipeline.images import IMAGE_SIZE, load_rgb, random_crop, to_array
-from pipeline.infer import batch_size_for, pooled_features, run_batches, run_model
+from pipeline.images import IMAGE_SIZE, crop_seed
+from pipeline.infer import (
+    batch_size_for,
+    crop_batches,
+    pooled_features,
+    run_batches,
+    run_model,
+)
 from pipeline.model import create_model, get_device, load_weights
 
 logger = logging.getLogger(__name__)
@@ -82,24 +88,16 @@ def _embed_views(model: nn.Module, paths: list[str], size: int) -> np.ndarray:
     return run_model(model, paths, size, batch_size=half, fn=both_views)
 
 
-def crop_seed(sha256: str) -> int:
-    """The seed of a photo's random crops: its content hash, not its place."""
-    return int(sha256[:16], 16)
-
-
 def _embed_crops(
     model: nn.Module, photos: list[Photo], size: int, count: int
 ) -> np.ndarray:
     """(B, count, D) pooled features of `count` random crops of each photo."""
-    crops = []
-    for photo in photos:
-        image = load_rgb(photo.path)
-        rng = np.random.default_rng(crop_seed(photo.sha256))
-        crops.extend(to_array(random_crop(image, size, rng)) for _ in range(count))
-    step = batch_size_for(next(model.parameters()).device)
-    batches = (
-        torch.from_numpy(np.stack(crops[start : start + step]))
-        for start in range(0, len(crops), step)
+    batches = crop_batches(
+        [p.path for p in photos],
+        [crop_seed(p.sha256) for p in photos],
+        size,
+        count,
+        batch_size_for(next(model.parameters()).device),
     )
     pooled = run_batches(model, batches, fn=pooled_features)
     return pooled.reshape(len(photos), count, -1)

@@ -155,6 +155,11 @@ def center_crop(image: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def crop_seed(sha256: str) -> int:
+    """The seed of a photo's random crops: its content hash, not its place."""
+    return int(sha256[:16], 16)
+
+
 def random_crop(
     image: Image.Image, size: int, rng: np.random.Generator, min_area: float = 0.35
 ) -> Image.Image:

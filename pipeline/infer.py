@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.images import IMAGE_SIZE, preprocess_file
+from pipeline.images import IMAGE_SIZE, load_rgb, preprocess_file, random_crop, to_array
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,31 @@ def batched_inputs(paths: Sequence[str | Path], size: int, batch_size: int):
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         yield torch.from_numpy(np.stack([preprocess_file(p, size) for p in chunk]))
+
+
+def crop_batches(
+    paths: Sequence[str | Path],
+    seeds: Sequence[int],
+    size: int,
+    count: int,
+    batch_size: int,
+):
+    """Batches of `count` random crops of each photo, in order, photo by photo.
+
+    A photo's crops are drawn from a generator seeded by its entry of `seeds`,
+    so they are the same whichever photos are drawn beside it.
+    """
+    crops = []
+    for path, seed in zip(paths, seeds, strict=True):
+        image = load_rgb(path)
+        rng = np.random.default_rng(seed)
+        for _ in range(count):
+            crops.append(to_array(random_crop(image, size, rng)))
+            if len(crops) == batch_size:
+                yield torch.from_numpy(np.stack(crops))
+                crops = []
+    if crops:
+        yield torch.from_numpy(np.stack(crops))
 
 
 def pooled_features(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -106,9 +131,32 @@ def run_model(
     return run_batches(model, batched_inputs(paths, size, batch_size), fn, tta)
 
 
-def predict_probs(model, paths, size=IMAGE_SIZE, batch_size=None, tta=False):
-    """Class probabilities, shape (len(paths), num_classes)."""
-    return run_model(model, paths, size, batch_size, tta=tta)
+def predict_probs(
+    model: nn.Module,
+    paths: Sequence[str | Path],
+    size: int = IMAGE_SIZE,
+    batch_size: int | None = None,
+    tta: bool = False,
+    crops: int = 0,
+    crop_seeds: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Class probabilities, shape (len(paths), num_classes).
+
+    With `tta`, each photo's probabilities are the mean over its centre view
+    and mirror image and, when `crops` is above 0, as many random crops drawn
+    with the photo's entry of `crop_seeds`: every view counts the same.
+    """
+    probs = run_model(model, paths, size, batch_size, tta=tta)
+    if not (tta and crops and len(paths)):
+        return probs
+    if crop_seeds is None or len(crop_seeds) != len(paths):
+        raise ValueError("crop test-time augmentation needs one crop seed per photo")
+    device = next(model.parameters()).device
+    batches = crop_batches(
+        paths, crop_seeds, size, crops, batch_size or batch_size_for(device)
+    )
+    crop_probs = run_batches(model, batches).reshape(len(paths), crops, -1)
+    return (2 * probs + crop_probs.sum(axis=1)) / (2 + crops)
 
 
 def embed(model, paths, size=IMAGE_SIZE, batch_size=None, tta=False):

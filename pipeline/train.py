@@ -9,7 +9,9 @@ epochs on cached body features of each photo's centre view, its mirror image
 and six random crops. Against a linear head on centre views only, the crops
 and the hidden layer gain about two points; a whole-network epoch after it
 changed the holdout by a photo or two and doubled the time, so it is a
-setting, off by default (BENCHMARKS.md).
+setting, off by default (BENCHMARKS.md). A holdout photo's prediction
+averages its centre view, its mirror image and six random crops drawn like
+the training ones; with the body frozen they are scored from cached features.
 
 The body's BatchNorm layers stay in eval mode throughout: with batches of a
 few dozen photos their running statistics drift away from the ImageNet ones
@@ -56,7 +58,14 @@ from db.models import (
 )
 from db.settings import get_settings
 from pipeline.embeddings import imagenet_crops, imagenet_views
-from pipeline.images import MEAN, STD, BadImageError, load_rgb, resize_short
+from pipeline.images import (
+    MEAN,
+    STD,
+    BadImageError,
+    crop_seed,
+    load_rgb,
+    resize_short,
+)
 from pipeline.infer import predict_probs
 from pipeline.model import body_and_head, create_model, get_device, save_weights
 from pipeline.progress import Progress, null_progress
@@ -83,7 +92,10 @@ class TrainConfig:
     body_lr: float = 1e-5
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
+    # Test-time augmentation: a holdout photo's prediction is the mean over
+    # its centre view, its mirror image and `tta_crops` random crops.
     tta: bool = True
+    tta_crops: int = 6
     # Train the head on cached body features instead of frozen image epochs.
     head_on_features: bool = True
     # Random crops of each pool photo, besides the centre view and its
@@ -133,6 +145,7 @@ class TrainConfig:
         whole("seed", 0)
         whole("crop_views", 0)
         whole("head_hidden", 0)
+        whole("tta_crops", 0)
         if self.frozen_epochs + self.unfrozen_epochs == 0:
             raise ValueError(
                 "frozen_epochs and unfrozen_epochs are both 0: set at least one epoch"
@@ -417,12 +430,29 @@ def fit(
 
 
 def evaluate(
-    model: nn.Module, photos: list[Photo], classes: list[str], config: TrainConfig
+    model: nn.Module,
+    photos: list[Photo],
+    classes: list[str],
+    config: TrainConfig,
+    body_trained: bool = True,
+    progress=None,
 ) -> tuple[dict, np.ndarray]:
-    """Accuracy and confusion matrix on `photos` (rows: given, cols: predicted)."""
-    probs = predict_probs(
-        model, [p.path for p in photos], config.image_size, tta=config.tta
-    )
+    """Accuracy and confusion matrix on `photos` (rows: given, cols: predicted).
+
+    A body that never trained is the ImageNet one, whose features of each view
+    are cached: then only the head runs, on those features.
+    """
+    if body_trained:
+        probs = predict_probs(
+            model,
+            [p.path for p in photos],
+            config.image_size,
+            tta=config.tta,
+            crops=config.tta_crops,
+            crop_seeds=[crop_seed(p.sha256) for p in photos],
+        )
+    else:
+        probs = _head_probs(model, photos, config, progress)
     index = {name: i for i, name in enumerate(classes)}
     truth = np.array([index[p.label] for p in photos], dtype=int)
     predicted = probs.argmax(axis=1) if len(photos) else np.zeros(0, dtype=int)
@@ -435,6 +465,35 @@ def evaluate(
         "n_holdout": len(photos),
         "confusion": confusion.tolist(),
     }, probs
+
+
+@torch.inference_mode()
+def _head_probs(
+    model: nn.Module, photos: list[Photo], config: TrainConfig, progress=None
+) -> np.ndarray:
+    """`predict_probs` with the same views, for a model whose body is ImageNet's."""
+    if not photos:
+        return np.zeros((0, model.num_classes), dtype=np.float32)
+    crops = config.tta_crops if config.tta else 0
+    share = 2 / (2 + crops)
+    report = progress or (lambda fraction: None)
+    views = imagenet_views(
+        photos, config.image_size, progress=lambda f: report(share * f)
+    )
+    if not config.tta:
+        views = views[:, :1]
+    elif crops:
+        more = imagenet_crops(
+            photos,
+            config.image_size,
+            crops,
+            progress=lambda f: report(share + (1 - share) * f),
+        )
+        views = np.concatenate([views, more], axis=1)
+    device = next(model.parameters()).device
+    head = model.get_classifier().eval()
+    features = torch.from_numpy(views).to(device)  # (N, V, D)
+    return torch.softmax(head(features), dim=-1).mean(dim=1).float().cpu().numpy()
 
 
 def train_run(
@@ -517,9 +576,19 @@ def train_run(
         train_seconds = time.perf_counter() - started
 
         # Evaluate on the holdout.
-        progress(0.86, f"evaluating on {len(holdout)} holdout photos")
+        message = f"evaluating on {len(holdout)} holdout photos"
+        progress(0.85, message)
         model.eval()
-        metrics, holdout_probs = evaluate(model, holdout, classes, config)
+        # A body that never trained embeds like the ImageNet one.
+        body_trained = config.unfrozen_epochs > 0 or not head_done
+        metrics, holdout_probs = evaluate(
+            model,
+            holdout,
+            classes,
+            config,
+            body_trained,
+            progress=lambda f: progress(0.85 + 0.07 * f, message),
+        )
         metrics["train_seconds"] = round(train_seconds, 2)
         metrics["train_class_counts"] = {
             name: sum(p.label == name for p in pool) for name in classes
@@ -538,8 +607,8 @@ def train_run(
 
         # Score every pool photo out-of-fold, and record.
         progress(0.92, "scoring pool photos out-of-fold")
-        # A body that never trained embeds like the ImageNet one: nothing to add.
-        body_trained = config.unfrozen_epochs > 0 or not head_done
+        # Scoring with a body that never trained has nothing to add to the
+        # ImageNet embeddings.
         score_run(
             session,
             run,

@@ -33,7 +33,7 @@ from db.models import (
     TrainingRun,
 )
 from db.settings import get_settings
-from pipeline.images import IMAGE_SIZE, BadImageError, load_rgb
+from pipeline.images import IMAGE_SIZE, BadImageError, crop_seed, load_rgb
 from pipeline.infer import predict_probs
 from pipeline.ingest import ingest_files
 from pipeline.model import get_device, load_weights
@@ -201,7 +201,10 @@ def prelabel(
 
     model = load_weights(run.artifact_path, len(run.classes)).to(get_device())
     size = int(run.config.get("image_size", IMAGE_SIZE))
-    photos, probs = _predict(model, photos, size, bool(run.config.get("tta", False)))
+    tta = bool(run.config.get("tta", False))
+    photos, probs = _predict(
+        model, photos, size, tta, int(run.config.get("tta_crops", 0))
+    )
     store_suggestions(session, run, photos, probs)
     logger.info("run %s: suggested labels for %d photos", run.id, len(photos))
     return len(photos)
@@ -229,17 +232,26 @@ def store_suggestions(
     session.flush()
 
 
-def _predict(model, photos: list[Photo], size: int, tta: bool):
-    """Probabilities for the photos that can be read, and those photos."""
+def _predict(model, photos: list[Photo], size: int, tta: bool, crops: int):
+    """Probabilities for the photos that can be read, and those photos.
+
+    They are averaged over the views the run's holdout evaluation used.
+    """
+
+    def probs(some: list[Photo]) -> np.ndarray:
+        seeds = [crop_seed(p.sha256) for p in some]
+        paths = [p.path for p in some]
+        return predict_probs(model, paths, size, tta=tta, crops=crops, crop_seeds=seeds)
+
     try:
-        return photos, predict_probs(model, [p.path for p in photos], size, tta=tta)
+        return photos, probs(photos)
     except (BadImageError, OSError):
         pass
     # One unreadable file fails its whole batch: go photo by photo to find it.
     kept, rows = [], []
     for photo in photos:
         try:
-            rows.append(predict_probs(model, [photo.path], size, tta=tta)[0])
+            rows.append(probs([photo])[0])
         except (BadImageError, OSError) as error:
             logger.warning("prelabel: leaving out %s: %s", photo.path, error)
             continue

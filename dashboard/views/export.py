@@ -152,8 +152,8 @@ def export_page() -> None:
     st.caption(
         "Each file answers one view of a photo, as a phone would, and is compared "
         "with PyTorch on that same view. A run's own holdout accuracy on the Train "
-        "page may differ when it averaged each photo with its mirror image "
-        "(test-time augmentation)."
+        "page may differ when it averaged each photo over its mirror image and "
+        "random crops (test-time augmentation)."
     )
     export = newest_first_choice(
         "Export",

@@ -114,10 +114,11 @@ def _settings_form(running: bool) -> TrainConfig | None:
             help="A small number gives a quick trial run.",
         )
         tta = third[3].checkbox(
-            "Mirror test-time augmentation",
+            "Test-time augmentation",
             key="train_tta",
             value=defaults.tta,
-            help="Average each holdout photo's prediction with its mirror image.",
+            help="Average each holdout photo's prediction over its centre view, "
+            "its mirror image and the test-time crops.",
         )
         fourth = st.columns(4)
         crop_views = fourth[0].number_input(
@@ -145,6 +146,16 @@ def _settings_form(running: bool) -> TrainConfig | None:
             value=defaults.head_dropout,
             format="%.2f",
         )
+        tta_crops = fourth[3].number_input(
+            "Test-time crops",
+            key="train_tta_crops",
+            min_value=0,
+            max_value=32,
+            value=defaults.tta_crops,
+            help="Random crops of each holdout photo averaged into its prediction "
+            "with test-time augmentation. With the body frozen, their features "
+            "are computed once per photo and kept.",
+        )
         pressed = st.form_submit_button(
             "Train",
             key="train_submit",
@@ -167,6 +178,7 @@ def _settings_form(running: bool) -> TrainConfig | None:
         weight_decay=float(weight_decay),
         label_smoothing=float(smoothing),
         tta=bool(tta),
+        tta_crops=int(tta_crops),
         crop_views=int(crop_views),
         head_hidden=int(head_hidden),
         head_dropout=float(head_dropout),

@@ -32,6 +32,7 @@ def test_train_button_starts_a_job_with_the_form_settings(small_set, no_workers)
     app.number_input(key="train_max_per_class").set_value(40)
     app.number_input(key="train_crop_views").set_value(2)
     app.number_input(key="train_head_hidden").set_value(0)
+    app.number_input(key="train_tta_crops").set_value(3)
     app.button(key="train_submit").click().run()
 
     assert not app.exception
@@ -44,6 +45,7 @@ def test_train_button_starts_a_job_with_the_form_settings(small_set, no_workers)
         "max_per_class": 40,
         "crop_views": 2,
         "head_hidden": 0,
+        "tta_crops": 3,
     }
     # Every other setting is TrainConfig's default.
     assert job.params == {**asdict(TrainConfig()), **changed}

@@ -11,6 +11,7 @@ from torch import nn
 from db.engine import session_scope
 from db.labels import apply_action
 from db.models import CANCELLED, DONE, HOLDOUT, Photo, Prediction, TrainingRun
+from pipeline.images import crop_seed
 from pipeline.infer import predict_probs
 from pipeline.ingest import ingest_folder
 from pipeline.model import create_model, load_weights
@@ -19,6 +20,7 @@ from pipeline.train import (
     CancelledError,
     NotTrainableError,
     TrainConfig,
+    evaluate,
     seed_everything,
     train_run,
 )
@@ -42,7 +44,7 @@ def _holdout(session):
 
 def test_training_beats_the_untrained_head_and_reloads_identically(engine, workspace):
     data = make_photo_set(workspace / "photos", train_per_class=16, test_per_class=10)
-    config = TrainConfig(**QUICK)
+    config = TrainConfig(**{**QUICK, "tta": True, "tta_crops": 2})
     with session_scope(engine) as session:
         ingest_folder(session, data)
         holdout = _holdout(session)
@@ -66,9 +68,12 @@ def test_training_beats_the_untrained_head_and_reloads_identically(engine, works
         saved = json.loads((Path(run.artifact_path).parent / "config.json").read_text())
         assert saved["classes"] == ["hot_dog", "not_hot_dog"]
 
-        # Reloading the saved weights reproduces the recorded predictions.
+        # Reloading the saved weights reproduces the recorded predictions: the
+        # run computed them from cached features, this from the photos.
         model = load_weights(run.artifact_path, 2)
-        probs = predict_probs(model, [p.path for p in holdout], 128)
+        seeds = [crop_seed(p.sha256) for p in holdout]
+        paths = [p.path for p in holdout]
+        probs = predict_probs(model, paths, 128, tta=True, crops=2, crop_seeds=seeds)
         recorded = {
             row.photo_id: row.probs
             for row in session.scalars(
@@ -153,12 +158,45 @@ def test_unknown_setting_is_named():
         ({"crop_views": -1}, "crop_views must be a whole number 0 or more, not -1"),
         ({"head_hidden": 1.5}, "head_hidden must be a whole number 0 or more"),
         ({"head_dropout": 1}, "head_dropout must be a number in [0.0, 1.0), not 1"),
+        ({"tta_crops": -2}, "tta_crops must be a whole number 0 or more, not -2"),
     ],
 )
 def test_settings_that_cannot_train_are_named(values, named):
     with pytest.raises(ValueError) as refused:
         TrainConfig(**values)
     assert named in str(refused.value)
+
+
+def test_evaluating_on_cached_features_matches_evaluating_on_the_photos(
+    engine, small_set
+):
+    """A head on the ImageNet body scores the same from cached features."""
+    with session_scope(engine) as session:
+        ingest_folder(session, small_set)
+        holdout = _holdout(session)
+        classes = ["hot_dog", "not_hot_dog"]
+        seed_everything(3)
+        model = create_model(2, head_hidden=16).eval()
+        seen = {}
+        for tta, crops in ((False, 0), (True, 0), (True, 2)):
+            config = TrainConfig(image_size=96, tta=tta, tta_crops=crops)
+            photos, _ = evaluate(model, holdout, classes, config, body_trained=True)
+            features, probs = evaluate(model, holdout, classes, config, False)
+            assert features == photos
+            seen[tta, crops] = probs
+            # The photos' path computes every view afresh.
+            direct = predict_probs(
+                model,
+                [p.path for p in holdout],
+                96,
+                tta=tta,
+                crops=crops,
+                crop_seeds=[crop_seed(p.sha256) for p in holdout],
+            )
+            assert np.allclose(probs, direct, atol=1e-4)
+    # Each augmentation changes the probabilities.
+    assert not np.allclose(seen[False, 0], seen[True, 0], atol=1e-3)
+    assert not np.allclose(seen[True, 0], seen[True, 2], atol=1e-3)
 
 
 def test_the_same_seed_gives_the_same_run(engine, small_set):
@@ -192,11 +230,13 @@ def test_cli_passes_every_setting_and_names_a_bad_one(workspace, monkeypatch, ca
     monkeypatch.setattr(pipeline.train, "train_run", fake_train_run)
     argv = ["train", "--no-tta", "--weight-decay", "0.05", "--label-smoothing", "0"]
     argv += ["--crop-views", "2", "--head-hidden", "0", "--head-dropout", "0.25"]
+    argv += ["--tta-crops", "3"]
     assert main([*argv, "--frozen-epochs", "3", "--seed", "7"]) == 2
     config = seen["config"]
     assert (config.tta, config.weight_decay, config.label_smoothing) == (False, 0.05, 0)
     assert (config.frozen_epochs, config.seed) == (3, 7)
     assert (config.crop_views, config.head_hidden, config.head_dropout) == (2, 0, 0.25)
+    assert config.tta_crops == 3
     assert config.unfrozen_epochs == TrainConfig().unfrozen_epochs
 
     seen.clear()
