@@ -165,6 +165,29 @@ def imagenet_crops(
     return _cached_views(path, photos, _imagenet_model, embed, count, 8, progress)
 
 
+def imagenet_view_set(
+    photos: list[Photo], size: int, crops: int, progress=None, between=None
+) -> np.ndarray:
+    """(N, 2 + crops, 1280) ImageNet features of each photo's centre view, its
+    mirror image and `crops` random crops, from both caches.
+
+    `progress(fraction)` follows both caches in proportion to their views;
+    `between()`, when given, runs after the centre views and before any crop
+    is embedded (a place to stop).
+    """
+    report = progress or (lambda fraction: None)
+    share = 2 / (2 + crops)
+    views = imagenet_views(photos, size, progress=lambda f: report(share * f))
+    if not crops:
+        return views
+    if between is not None:
+        between()
+    more = imagenet_crops(
+        photos, size, crops, progress=lambda f: report(share + (1 - share) * f)
+    )
+    return np.concatenate([views, more], axis=1)
+
+
 def imagenet_embeddings(photos: list[Photo], size: int = IMAGE_SIZE) -> np.ndarray:
     """(N, 1280) unit-length ImageNet embeddings, for ranking and duplicates."""
     return normalise(imagenet_views(photos, size).mean(axis=1))

@@ -11,7 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.images import IMAGE_SIZE, load_rgb, preprocess_file, random_crop, to_array
+from pipeline.images import (
+    IMAGE_SIZE,
+    crop_seed,
+    load_rgb,
+    preprocess_file,
+    random_crop,
+    to_array,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +164,21 @@ def predict_probs(
     )
     crop_probs = run_batches(model, batches).reshape(len(paths), crops, -1)
     return (2 * probs + crop_probs.sum(axis=1)) / (2 + crops)
+
+
+def predict_photos(
+    model: nn.Module, photos: Sequence, size: int, tta: bool, crops: int
+) -> np.ndarray:
+    """`predict_probs` of photo records (each with `path` and `sha256`), every
+    photo's crops drawn with the seed of its content (`crop_seed`)."""
+    return predict_probs(
+        model,
+        [p.path for p in photos],
+        size,
+        tta=tta,
+        crops=crops,
+        crop_seeds=[crop_seed(p.sha256) for p in photos],
+    )
 
 
 def embed(model, paths, size=IMAGE_SIZE, batch_size=None, tta=False):

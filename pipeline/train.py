@@ -57,16 +57,9 @@ from db.models import (
     utcnow,
 )
 from db.settings import get_settings
-from pipeline.embeddings import imagenet_crops, imagenet_views
-from pipeline.images import (
-    MEAN,
-    STD,
-    BadImageError,
-    crop_seed,
-    load_rgb,
-    resize_short,
-)
-from pipeline.infer import predict_probs
+from pipeline.embeddings import imagenet_view_set
+from pipeline.images import MEAN, STD, BadImageError, load_rgb, resize_short
+from pipeline.infer import predict_photos
 from pipeline.model import body_and_head, create_model, get_device, save_weights
 from pipeline.progress import Progress, null_progress
 from pipeline.scoring import limit_per_class, score_run
@@ -339,26 +332,15 @@ def fit_head_on_features(
     epochs in seconds, and a retrain embeds only photos it has not seen.
     """
     embed_end, head_end = _phase_ends(config)
-    n_views = 2 + config.crop_views
-
-    def report(start: float, end: float):
-        message = f"embedding {len(photos)} photos, {n_views} views each"
-        return lambda f: progress(start + (end - start) * f, message)
-
-    centre_share = 2 / n_views
-    views = imagenet_views(
-        photos, config.image_size, progress=report(0.0, embed_end * centre_share)
-    )  # (N, 2, D)
+    message = f"embedding {len(photos)} photos, {2 + config.crop_views} views each"
+    views = imagenet_view_set(
+        photos,
+        config.image_size,
+        config.crop_views,
+        progress=lambda f: progress(embed_end * f, message),
+        between=lambda: _check_cancel(progress),
+    )  # (N, 2 + crop_views, D)
     _check_cancel(progress)
-    if config.crop_views:
-        crops = imagenet_crops(
-            photos,
-            config.image_size,
-            config.crop_views,
-            progress=report(embed_end * centre_share, embed_end),
-        )  # (N, crop_views, D)
-        views = np.concatenate([views, crops], axis=1)
-        _check_cancel(progress)
     # Computing features may have built a model (and drawn random numbers) or
     # not, if they were cached; reseed so both cases train alike.
     seed_everything(config.seed)
@@ -443,13 +425,8 @@ def evaluate(
     are cached: then only the head runs, on those features.
     """
     if body_trained:
-        probs = predict_probs(
-            model,
-            [p.path for p in photos],
-            config.image_size,
-            tta=config.tta,
-            crops=config.tta_crops,
-            crop_seeds=[crop_seed(p.sha256) for p in photos],
+        probs = predict_photos(
+            model, photos, config.image_size, config.tta, config.tta_crops
         )
     else:
         probs = _head_probs(model, photos, config, progress)
@@ -475,21 +452,9 @@ def _head_probs(
     if not photos:
         return np.zeros((0, model.num_classes), dtype=np.float32)
     crops = config.tta_crops if config.tta else 0
-    share = 2 / (2 + crops)
-    report = progress or (lambda fraction: None)
-    views = imagenet_views(
-        photos, config.image_size, progress=lambda f: report(share * f)
-    )
+    views = imagenet_view_set(photos, config.image_size, crops, progress)
     if not config.tta:
         views = views[:, :1]
-    elif crops:
-        more = imagenet_crops(
-            photos,
-            config.image_size,
-            crops,
-            progress=lambda f: report(share + (1 - share) * f),
-        )
-        views = np.concatenate([views, more], axis=1)
     device = next(model.parameters()).device
     head = model.get_classifier().eval()
     features = torch.from_numpy(views).to(device)  # (N, V, D)

@@ -33,8 +33,8 @@ from db.models import (
     TrainingRun,
 )
 from db.settings import get_settings
-from pipeline.images import IMAGE_SIZE, BadImageError, crop_seed, load_rgb
-from pipeline.infer import predict_probs
+from pipeline.images import IMAGE_SIZE, BadImageError, load_rgb
+from pipeline.infer import predict_photos
 from pipeline.ingest import ingest_files
 from pipeline.model import get_device, load_weights
 from pipeline.runs import latest_run
@@ -237,21 +237,15 @@ def _predict(model, photos: list[Photo], size: int, tta: bool, crops: int):
 
     They are averaged over the views the run's holdout evaluation used.
     """
-
-    def probs(some: list[Photo]) -> np.ndarray:
-        seeds = [crop_seed(p.sha256) for p in some]
-        paths = [p.path for p in some]
-        return predict_probs(model, paths, size, tta=tta, crops=crops, crop_seeds=seeds)
-
     try:
-        return photos, probs(photos)
+        return photos, predict_photos(model, photos, size, tta, crops)
     except (BadImageError, OSError):
         pass
     # One unreadable file fails its whole batch: go photo by photo to find it.
     kept, rows = [], []
     for photo in photos:
         try:
-            rows.append(probs([photo])[0])
+            rows.append(predict_photos(model, [photo], size, tta, crops)[0])
         except (BadImageError, OSError) as error:
             logger.warning("prelabel: leaving out %s: %s", photo.path, error)
             continue
