@@ -10,8 +10,9 @@ and six random crops. Against a linear head on centre views only, the crops
 and the hidden layer gain about two points; a whole-network epoch after it
 changed the holdout by a photo or two and doubled the time, so it is a
 setting, off by default (BENCHMARKS.md). A holdout photo's prediction
-averages its centre view, its mirror image and six random crops drawn like
-the training ones; with the body frozen they are scored from cached features.
+averages its centre view, its mirror image and sixteen random crops drawn
+like the training ones; with the body frozen they are scored from cached
+features, embedded once per photo set.
 
 The body's BatchNorm layers stay in eval mode throughout: with batches of a
 few dozen photos their running statistics drift away from the ImageNet ones
@@ -88,7 +89,7 @@ class TrainConfig:
     # Test-time augmentation: a holdout photo's prediction is the mean over
     # its centre view, its mirror image and `tta_crops` random crops.
     tta: bool = True
-    tta_crops: int = 6
+    tta_crops: int = 16
     # Train the head on cached body features instead of frozen image epochs.
     head_on_features: bool = True
     # Random crops of each pool photo, besides the centre view and its
@@ -331,7 +332,7 @@ def fit_head_on_features(
     augmentation of image epochs. The head then trains on them for many
     epochs in seconds, and a retrain embeds only photos it has not seen.
     """
-    embed_end, head_end = _phase_ends(config)
+    embed_end, head_end, _ = _phase_ends(config)
     message = f"embedding {len(photos)} photos, {2 + config.crop_views} views each"
     views = imagenet_view_set(
         photos,
@@ -374,15 +375,18 @@ def fit_head_on_features(
     _check_cancel(progress)
 
 
-def _phase_ends(config: TrainConfig) -> tuple[float, float]:
-    """Where embedding and the head's epochs end on the progress bar (0-1).
+def _phase_ends(config: TrainConfig) -> tuple[float, float, float]:
+    """Where embedding, the head's epochs and all training end on the progress
+    bar (0-1).
 
-    Evaluation and scoring take the last 15 %; the whole network's epochs,
-    when there are any, take most of the rest.
+    Evaluation runs from the third point to 0.92 and scoring takes the rest.
+    The first run on a photo set embeds the holdout's test-time crops, which
+    are more views than the pool's, so evaluation gets a wide band; the whole
+    network's epochs, when there are any, take a band of their own.
     """
     if config.unfrozen_epochs:
-        return 0.4, 0.45
-    return 0.8, 0.85
+        return 0.2, 0.25, 0.6
+    return 0.35, 0.4, 0.4
 
 
 def fit(
@@ -401,7 +405,8 @@ def fit(
     # Phase 2: the whole network, the body at a tenth of the head's rate or less.
     if config.unfrozen_epochs:
         learner.unfreeze()
-        cb = _ReportProgress(progress, _phase_ends(config)[1], 0.85, "all layers")
+        _, head_end, fit_end = _phase_ends(config)
+        cb = _ReportProgress(progress, head_end, fit_end, "all layers")
         learner.fit_one_cycle(
             config.unfrozen_epochs,
             slice(config.body_lr, config.head_lr / 10),
@@ -542,7 +547,8 @@ def train_run(
 
         # Evaluate on the holdout.
         message = f"evaluating on {len(holdout)} holdout photos"
-        progress(0.85, message)
+        evaluate_start = _phase_ends(config)[2]
+        progress(evaluate_start, message)
         model.eval()
         # A body that never trained embeds like the ImageNet one.
         body_trained = config.unfrozen_epochs > 0 or not head_done
@@ -552,7 +558,9 @@ def train_run(
             classes,
             config,
             body_trained,
-            progress=lambda f: progress(0.85 + 0.07 * f, message),
+            progress=lambda f: progress(
+                evaluate_start + (0.92 - evaluate_start) * f, message
+            ),
         )
         metrics["train_seconds"] = round(train_seconds, 2)
         metrics["train_class_counts"] = {

@@ -199,6 +199,33 @@ def test_evaluating_on_cached_features_matches_evaluating_on_the_photos(
     assert not np.allclose(seen[True, 0], seen[True, 2], atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "unfrozen, evaluate_from", [(0, 0.4), (1, 0.6)], ids=["head", "all-layers"]
+)
+def test_progress_moves_forward_through_each_phase_band(
+    engine, small_set, unfrozen, evaluate_from
+):
+    reports = []
+    progress = Progress(lambda fraction, message: reports.append((fraction, message)))
+    config = TrainConfig(
+        **{**QUICK, "unfrozen_epochs": unfrozen, "tta": True, "tta_crops": 2}
+    )
+    with session_scope(engine) as session:
+        ingest_folder(session, small_set)
+        train_run(session, config, progress)
+
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    evaluating = [f for f, message in reports if message.startswith("evaluating")]
+    assert evaluating[0] == evaluate_from and max(evaluating) <= 0.92
+    if unfrozen:
+        body = [f for f, message in reports if message.startswith("all layers")]
+        assert body and 0.25 < min(body) and max(body) <= 0.6
+    else:
+        # The holdout's crops are embedded for the first time, inside the band.
+        assert any(evaluate_from < f < 0.92 for f in evaluating)
+
+
 def test_the_same_seed_gives_the_same_run(engine, small_set):
     config = TrainConfig(**{**QUICK, "unfrozen_epochs": 1})
     with session_scope(engine) as session:
