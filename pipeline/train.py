@@ -416,6 +416,48 @@ def fit(
         _check_cancel(progress)
 
 
+def body_trained(config: dict) -> bool:
+    """Whether a run with the stored settings `config` changed the ImageNet body.
+
+    When it did not (the head trained alone on cached features), the run's
+    predictions can come from the body's cached features of each view.
+    """
+    head_alone = config.get("head_on_features", False) and (
+        config.get("frozen_epochs", 0) > 0
+    )
+    return config.get("unfrozen_epochs", 0) > 0 or not head_alone
+
+
+def predict_views(
+    model: nn.Module,
+    photos: list[Photo],
+    size: int,
+    tta: bool,
+    crops: int,
+    from_features: bool,
+    progress=None,
+) -> np.ndarray:
+    """Class probabilities of photo records over a run's test-time views.
+
+    With `from_features`, for a head on the ImageNet body, only the head runs,
+    on the cached ImageNet features of each view (computed once per photo);
+    otherwise the whole network runs on every view. Both give the same result.
+    """
+    if not from_features:
+        return predict_photos(model, photos, size, tta, crops)
+    if not photos:
+        return np.zeros((0, model.num_classes), dtype=np.float32)
+    views = imagenet_view_set(photos, size, crops if tta else 0, progress)
+    if not tta:
+        views = views[:, :1]
+    device = next(model.parameters()).device
+    head = model.get_classifier().eval()
+    with torch.inference_mode():
+        features = torch.from_numpy(views).to(device)  # (N, V, D)
+        probs = torch.softmax(head(features), dim=-1).mean(dim=1)
+    return probs.float().cpu().numpy()
+
+
 def evaluate(
     model: nn.Module,
     photos: list[Photo],
@@ -429,12 +471,15 @@ def evaluate(
     A body that never trained is the ImageNet one, whose features of each view
     are cached: then only the head runs, on those features.
     """
-    if body_trained:
-        probs = predict_photos(
-            model, photos, config.image_size, config.tta, config.tta_crops
-        )
-    else:
-        probs = _head_probs(model, photos, config, progress)
+    probs = predict_views(
+        model,
+        photos,
+        config.image_size,
+        config.tta,
+        config.tta_crops,
+        from_features=not body_trained,
+        progress=progress,
+    )
     index = {name: i for i, name in enumerate(classes)}
     truth = np.array([index[p.label] for p in photos], dtype=int)
     predicted = probs.argmax(axis=1) if len(photos) else np.zeros(0, dtype=int)
@@ -447,23 +492,6 @@ def evaluate(
         "n_holdout": len(photos),
         "confusion": confusion.tolist(),
     }, probs
-
-
-@torch.inference_mode()
-def _head_probs(
-    model: nn.Module, photos: list[Photo], config: TrainConfig, progress=None
-) -> np.ndarray:
-    """`predict_probs` with the same views, for a model whose body is ImageNet's."""
-    if not photos:
-        return np.zeros((0, model.num_classes), dtype=np.float32)
-    crops = config.tta_crops if config.tta else 0
-    views = imagenet_view_set(photos, config.image_size, crops, progress)
-    if not config.tta:
-        views = views[:, :1]
-    device = next(model.parameters()).device
-    head = model.get_classifier().eval()
-    features = torch.from_numpy(views).to(device)  # (N, V, D)
-    return torch.softmax(head(features), dim=-1).mean(dim=1).float().cpu().numpy()
 
 
 def train_run(
@@ -551,13 +579,13 @@ def train_run(
         progress(evaluate_start, message)
         model.eval()
         # A body that never trained embeds like the ImageNet one.
-        body_trained = config.unfrozen_epochs > 0 or not head_done
+        trained = body_trained(asdict(config))
         metrics, holdout_probs = evaluate(
             model,
             holdout,
             classes,
             config,
-            body_trained,
+            trained,
             progress=lambda f: progress(
                 evaluate_start + (0.92 - evaluate_start) * f, message
             ),
@@ -588,7 +616,7 @@ def train_run(
             model,
             holdout=holdout,
             holdout_probs=holdout_probs,
-            thorough=body_trained,
+            thorough=trained,
         )
         run.metrics = metrics
         run.train_seconds = round(train_seconds, 2)

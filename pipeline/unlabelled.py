@@ -34,10 +34,10 @@ from db.models import (
 )
 from db.settings import get_settings
 from pipeline.images import IMAGE_SIZE, BadImageError, load_rgb
-from pipeline.infer import predict_photos
 from pipeline.ingest import ingest_files
 from pipeline.model import get_device, load_weights
 from pipeline.runs import latest_run
+from pipeline.train import body_trained, predict_views
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +201,13 @@ def prelabel(
 
     model = load_weights(run.artifact_path, len(run.classes)).to(get_device())
     size = int(run.config.get("image_size", IMAGE_SIZE))
-    tta = bool(run.config.get("tta", False))
-    photos, probs = _predict(
-        model, photos, size, tta, int(run.config.get("tta_crops", 0))
+    views = dict(
+        size=size,
+        tta=bool(run.config.get("tta", False)),
+        crops=int(run.config.get("tta_crops", 0)),
+        from_features=not body_trained(run.config),
     )
+    photos, probs = _predict(model, photos, views)
     store_suggestions(session, run, photos, probs)
     logger.info("run %s: suggested labels for %d photos", run.id, len(photos))
     return len(photos)
@@ -232,20 +235,22 @@ def store_suggestions(
     session.flush()
 
 
-def _predict(model, photos: list[Photo], size: int, tta: bool, crops: int):
+def _predict(model, photos: list[Photo], views: dict):
     """Probabilities for the photos that can be read, and those photos.
 
-    They are averaged over the views the run's holdout evaluation used.
+    They are averaged over the views the run's holdout evaluation used
+    (`views`: the keyword arguments of `predict_views`), from cached ImageNet
+    features when the run's body is ImageNet's.
     """
     try:
-        return photos, predict_photos(model, photos, size, tta, crops)
+        return photos, predict_views(model, photos, **views)
     except (BadImageError, OSError):
         pass
     # One unreadable file fails its whole batch: go photo by photo to find it.
     kept, rows = [], []
     for photo in photos:
         try:
-            rows.append(predict_photos(model, [photo], size, tta, crops)[0])
+            rows.append(predict_views(model, [photo], **views)[0])
         except (BadImageError, OSError) as error:
             logger.warning("prelabel: leaving out %s: %s", photo.path, error)
             continue

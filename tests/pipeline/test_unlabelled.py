@@ -25,6 +25,7 @@ from db.models import (
     TrainingRun,
 )
 from db.settings import get_settings
+from pipeline.images import crop_seed
 from pipeline.infer import predict_probs
 from pipeline.ingest import ingest_folder
 from pipeline.model import create_model, load_weights, save_weights
@@ -193,6 +194,52 @@ def test_prelabel_stores_the_run_probabilities_and_the_queue_is_least_sure_first
     assert margins == sorted(margins)
     assert len(set(np.round(margins, 4))) > 1, "the test needs differing margins"
     assert [item.margin for item in queue.items] == pytest.approx(margins, abs=1e-4)
+
+
+def test_a_head_only_run_suggests_from_cached_features_as_from_the_photos(
+    engine, small_set
+):
+    """A run whose body is ImageNet's suggests from cached features of each
+    view, with the probabilities the whole network gives on those views."""
+    _unlabelled_folder(small_set, 3)
+    with session_scope(engine) as session:
+        ingest_folder(session, small_set)
+        run = _fake_run(session)
+        run.config = {
+            "image_size": SIZE,
+            "tta": True,
+            "tta_crops": 2,
+            "head_on_features": True,
+            "frozen_epochs": 5,
+            "unfrozen_epochs": 0,
+        }
+        assert prelabel(session, run) == 3
+        photos = list(
+            session.scalars(
+                select(Photo).where(Photo.split == UNLABELLED).order_by(Photo.id)
+            )
+        )
+        stored = {
+            row.photo_id: row.probs
+            for row in session.scalars(
+                select(Prediction).where(Prediction.kind == PRELABEL)
+            )
+        }
+
+    # The features path ran: the crops of every unlabelled photo are cached.
+    crops = get_settings().artifact_dir / "embeddings" / f"imagenet-{SIZE}-crops2.npz"
+    with np.load(crops) as cache:
+        assert {p.sha256 for p in photos} <= set(cache["keys"].tolist())
+    model = load_weights(run.artifact_path, 2)
+    expected = predict_probs(
+        model,
+        [p.path for p in photos],
+        SIZE,
+        tta=True,
+        crops=2,
+        crop_seeds=[crop_seed(p.sha256) for p in photos],
+    )
+    assert np.allclose([stored[p.id] for p in photos], expected, atol=1e-4)
 
 
 def test_photos_without_a_suggestion_come_last_and_new_uploads_get_one(
