@@ -153,11 +153,36 @@ def imagenet_views(
     )
 
 
+def _crops_path(size: int, count: int) -> Path:
+    return _imagenet_path(size).with_name(f"imagenet-{size}-crops{count}.npz")
+
+
+def _cached_keys(path: Path) -> set[str]:
+    """The photo hashes in the cache at `path`, without reading its features."""
+    if not path.exists():
+        return set()
+    try:
+        with np.load(path) as cache:
+            return set(cache["keys"].tolist())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return set()
+
+
+def uncached_view_count(photos: list[Photo], size: int, crops: int) -> int:
+    """How many views `imagenet_view_set(photos, size, crops)` would compute."""
+    centre = _cached_keys(_imagenet_path(size))
+    count = 2 * sum(p.sha256 not in centre for p in photos)
+    if crops:
+        cropped = _cached_keys(_crops_path(size, crops))
+        count += crops * sum(p.sha256 not in cropped for p in photos)
+    return count
+
+
 def imagenet_crops(
     photos: list[Photo], size: int, count: int, progress=None
 ) -> np.ndarray:
     """(N, count, 1280) raw ImageNet features of random crops of each photo."""
-    path = _imagenet_path(size).with_name(f"imagenet-{size}-crops{count}.npz")
+    path = _crops_path(size, count)
 
     def embed(model: nn.Module, part: list[Photo]) -> np.ndarray:
         return _embed_crops(model, part, size, count)

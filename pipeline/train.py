@@ -58,7 +58,7 @@ from db.models import (
     utcnow,
 )
 from db.settings import get_settings
-from pipeline.embeddings import imagenet_view_set
+from pipeline.embeddings import imagenet_view_set, uncached_view_count
 from pipeline.images import MEAN, STD, BadImageError, load_rgb, resize_short
 from pipeline.infer import predict_photos
 from pipeline.model import body_and_head, create_model, get_device, save_weights
@@ -322,6 +322,7 @@ def fit_head_on_features(
     config: TrainConfig,
     progress: Progress,
     device: torch.device,
+    ends: tuple[float, float] = (0.35, 0.4),
 ) -> None:
     """Phase 1: train the new head alone on the frozen body's cached features.
 
@@ -332,7 +333,7 @@ def fit_head_on_features(
     augmentation of image epochs. The head then trains on them for many
     epochs in seconds, and a retrain embeds only photos it has not seen.
     """
-    embed_end, head_end, _ = _phase_ends(config)
+    embed_end, head_end = ends  # of embedding and of the head on the bar
     message = f"embedding {len(photos)} photos, {2 + config.crop_views} views each"
     views = imagenet_view_set(
         photos,
@@ -375,28 +376,50 @@ def fit_head_on_features(
     _check_cancel(progress)
 
 
-def _phase_ends(config: TrainConfig) -> tuple[float, float, float]:
-    """Where embedding, the head's epochs and all training end on the progress
-    bar (0-1).
+# Relative costs for placing the phases on the progress bar, in units of one
+# view embedded by the body: an epoch of the head over one cached view, and
+# reading the holdout's cached features.
+HEAD_VIEW_EPOCH_COST = 0.007
+CACHED_EVALUATION_COST = 40
 
-    Evaluation runs from the third point to 0.92 and scoring takes the rest.
-    The first run on a photo set embeds the holdout's test-time crops, which
-    are more views than the pool's, so evaluation gets a wide band; the whole
-    network's epochs, when there are any, take a band of their own.
+
+def _phase_ends(
+    config: TrainConfig, pool: list[Photo], holdout: list[Photo]
+) -> tuple[float, float, float]:
+    """Where embedding, the head's epochs and all training end on the progress
+    bar (0-1); evaluation runs from the third point to 0.92, scoring after it.
+
+    When the head trains alone on cached features, the bar is shared in
+    proportion to the work left: views not yet in the caches (a first run
+    embeds the pool's views and the holdout's test-time crops; a retrain
+    mostly none) and the head's epochs. Otherwise the bands are fixed, the
+    whole network's epochs, when there are any, taking a band of their own.
     """
     if config.unfrozen_epochs:
         return 0.2, 0.25, 0.6
-    return 0.35, 0.4, 0.4
+    if not (config.head_on_features and config.frozen_epochs):
+        return 0.35, 0.4, 0.4
+    size, pool_views = config.image_size, 2 + config.crop_views
+    embed = uncached_view_count(pool, size, config.crop_views)
+    head = HEAD_VIEW_EPOCH_COST * len(pool) * pool_views * config.frozen_epochs
+    crops = config.tta_crops if config.tta else 0
+    evaluation = uncached_view_count(holdout, size, crops) + CACHED_EVALUATION_COST
+    scale = 0.92 / (embed + head + evaluation)
+    return embed * scale, (embed + head) * scale, (embed + head) * scale
 
 
 def fit(
-    learner: Learner, config: TrainConfig, progress: Progress, head_done: bool
+    learner: Learner,
+    config: TrainConfig,
+    progress: Progress,
+    head_done: bool,
+    ends: tuple[float, float, float],
 ) -> None:
     """Head first with the body frozen (unless already done), then all layers."""
     # Phase 1: only the new head learns, on images.
     if config.frozen_epochs and not head_done:
         learner.freeze()
-        cb = _ReportProgress(progress, 0.0, _phase_ends(config)[1], "head")
+        cb = _ReportProgress(progress, 0.0, ends[1], "head")
         learner.fit_one_cycle(
             config.frozen_epochs, config.head_lr, wd=config.weight_decay, cbs=[cb]
         )
@@ -405,8 +428,7 @@ def fit(
     # Phase 2: the whole network, the body at a tenth of the head's rate or less.
     if config.unfrozen_epochs:
         learner.unfreeze()
-        _, head_end, fit_end = _phase_ends(config)
-        cb = _ReportProgress(progress, head_end, fit_end, "all layers")
+        cb = _ReportProgress(progress, ends[1], ends[2], "all layers")
         learner.fit_one_cycle(
             config.unfrozen_epochs,
             slice(config.body_lr, config.head_lr / 10),
@@ -541,6 +563,7 @@ def train_run(
     )
 
     try:
+        ends = _phase_ends(config, pool, holdout)
         started = time.perf_counter()
         model = create_model(
             len(classes),
@@ -551,12 +574,14 @@ def train_run(
         # Phase 1 on cached features, when the recipe says so.
         head_done = config.head_on_features and config.frozen_epochs > 0
         if head_done:
-            fit_head_on_features(model, pool, classes, config, progress, device)
+            fit_head_on_features(
+                model, pool, classes, config, progress, device, ends[:2]
+            )
 
         # Build data loaders and fit, unless the head alone was the recipe.
         if config.unfrozen_epochs or not head_done:
             progress(
-                _phase_ends(config)[1] if head_done else 0.0,
+                ends[1] if head_done else 0.0,
                 f"decoding {len(pool)} photos",
             )
             loaders, run.n_train = build_dataloaders(pool, classes, config, device)
@@ -570,12 +595,12 @@ def train_run(
                 cbs=[_SkipValidation(), _FrozenBatchNorm()],
             )
             with learner.no_bar(), learner.no_logging():
-                fit(learner, config, progress, head_done)
+                fit(learner, config, progress, head_done, ends)
         train_seconds = time.perf_counter() - started
 
         # Evaluate on the holdout.
         message = f"evaluating on {len(holdout)} holdout photos"
-        evaluate_start = _phase_ends(config)[2]
+        evaluate_start = ends[2]
         progress(evaluate_start, message)
         model.eval()
         # A body that never trained embeds like the ImageNet one.

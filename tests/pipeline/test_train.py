@@ -199,31 +199,51 @@ def test_evaluating_on_cached_features_matches_evaluating_on_the_photos(
     assert not np.allclose(seen[True, 0], seen[True, 2], atol=1e-3)
 
 
-@pytest.mark.parametrize(
-    "unfrozen, evaluate_from", [(0, 0.4), (1, 0.6)], ids=["head", "all-layers"]
-)
-def test_progress_moves_forward_through_each_phase_band(
-    engine, small_set, unfrozen, evaluate_from
-):
+def _train_reporting(engine, config):
     reports = []
     progress = Progress(lambda fraction, message: reports.append((fraction, message)))
-    config = TrainConfig(
-        **{**QUICK, "unfrozen_epochs": unfrozen, "tta": True, "tta_crops": 2}
-    )
     with session_scope(engine) as session:
-        ingest_folder(session, small_set)
         train_run(session, config, progress)
-
     fractions = [fraction for fraction, _ in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    evaluating = [f for f, message in reports if message.startswith("evaluating")]
-    assert evaluating[0] == evaluate_from and max(evaluating) <= 0.92
-    if unfrozen:
-        body = [f for f, message in reports if message.startswith("all layers")]
-        assert body and 0.25 < min(body) and max(body) <= 0.6
-    else:
-        # The holdout's crops are embedded for the first time, inside the band.
-        assert any(evaluate_from < f < 0.92 for f in evaluating)
+    return reports
+
+
+def _first(reports, phase):
+    return min(f for f, message in reports if message.startswith(phase))
+
+
+def test_progress_shares_the_bar_by_the_work_left(engine, small_set):
+    config = TrainConfig(**{**QUICK, "tta": True, "tta_crops": 4})
+    with session_scope(engine) as session:
+        ingest_folder(session, small_set)
+    first = _train_reporting(engine, config)
+    again = _train_reporting(engine, config)
+
+    # A first run embeds the pool's views, then the holdout's centre views and
+    # test-time crops, inside the evaluation band.
+    assert _first(first, "embedding") < _first(first, "head")
+    evaluating = [f for f, message in first if message.startswith("evaluating")]
+    assert any(evaluating[0] < f < 0.92 for f in evaluating)
+    # A retrain finds every view cached: nothing is embedded, the head's
+    # epochs start at the left of the bar, and evaluation reads no photo.
+    assert not any(message.startswith("embedding") for _, message in again)
+    assert _first(again, "head") < 0.1 < _first(first, "head")
+    assert not any(
+        _first(again, "evaluating") < f < 0.92
+        for f, message in again
+        if message.startswith("evaluating")
+    )
+
+
+def test_progress_of_whole_network_epochs_keeps_its_band(engine, small_set):
+    config = TrainConfig(**{**QUICK, "unfrozen_epochs": 1})
+    with session_scope(engine) as session:
+        ingest_folder(session, small_set)
+    reports = _train_reporting(engine, config)
+    body = [f for f, message in reports if message.startswith("all layers")]
+    assert 0.25 < min(body) and max(body) <= 0.6
+    assert _first(reports, "evaluating") == 0.6
 
 
 def test_the_same_seed_gives_the_same_run(engine, small_set):
