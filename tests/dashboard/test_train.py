@@ -136,6 +136,19 @@ def test_runs_table_confusion_matrix_and_chart(trained):
     assert len(app.get("vega_lite_chart")) == 1
 
 
+def test_fit_time_is_shown_beside_the_whole_run_time(trained):
+    with session_scope(get_engine()) as session:
+        run = session.scalars(select(TrainingRun)).one()
+        run.train_seconds = 75.6
+        run.finished_at = run.created_at + timedelta(seconds=234)
+    app = open_page("train")
+
+    (fit,) = [metric for metric in app.metric if metric.label == "Fit time"]
+    assert fit.value == "1 min 16 s"
+    assert "The whole run, with holdout evaluation" in fit.help
+    assert "took 3 min 54 s" in fit.help
+
+
 def test_each_finished_run_offers_its_cleaning_report(small_set):
     open_page()  # imports the photos
     with session_scope(get_engine()) as session:
