@@ -50,7 +50,10 @@ def confusion_frame(run: TrainingRun) -> pd.DataFrame:
 def accuracy_chart(finished: list[TrainingRun]) -> None:
     """Holdout accuracy of each finished run, in run order."""
     points = [
-        {"run": run.id, "holdout accuracy (%)": 100 * run.metrics["accuracy_holdout"]}
+        {
+            "run": run.id,
+            "holdout accuracy (%)": round(100 * run.metrics["accuracy_holdout"], 2),
+        }
         for run in sorted(finished, key=lambda run: run.id)
         if run.metrics.get("accuracy_holdout") is not None
     ]
