@@ -1,6 +1,8 @@
 """Engine and session helpers: SQLite in WAL mode, foreign keys on, busy timeout."""
 
 import logging
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -17,10 +19,30 @@ logger = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 30_000
 
 
+def _use_wal(cursor, timeout_s: float) -> None:
+    """Switch the database file to WAL mode, which then stays with the file.
+
+    The switch needs the database to itself, and SQLite answers "database is
+    locked" at once, without waiting, when several processes open a new
+    file together; so it is retried here until `timeout_s` has passed.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode.lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_settings(busy_timeout_ms: int):
     def configure(dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _use_wal(cursor, busy_timeout_ms / 1000)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA synchronous=NORMAL")

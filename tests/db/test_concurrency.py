@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.engine import create_db_engine, session_scope
+from db.engine import _use_wal, create_db_engine, session_scope
 from db.labels import StaleLabelError, apply_action
 from db.models import DONE, POOL, RELABELLED, Job, LabelEvent, Photo
 
@@ -336,3 +336,36 @@ def test_training_leaves_the_database_writable_while_it_scores(
         assert run.status == DONE
 
     assert writable_while_embedding == [True, True]
+
+
+class _LockedCursor:
+    """A cursor whose switch to WAL finds the database locked `busy` times."""
+
+    def __init__(self, busy: int, error: str = "database is locked"):
+        self.busy, self.error, self.switches = busy, error, 0
+
+    def execute(self, statement):
+        if statement == "PRAGMA journal_mode=WAL":
+            self.switches += 1
+            if self.switches <= self.busy:
+                raise sqlite3.OperationalError(self.error)
+        self.mode = "wal" if self.switches > self.busy else "delete"
+        return self
+
+    def fetchone(self):
+        return (self.mode,)
+
+
+def test_switching_to_wal_waits_out_a_locked_database():
+    cursor = _LockedCursor(busy=3)
+    _use_wal(cursor, timeout_s=5)
+    assert cursor.switches == 4
+
+
+def test_switching_to_wal_gives_up_after_the_timeout_and_on_other_errors():
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _use_wal(_LockedCursor(busy=10**6), timeout_s=0.2)
+    other = _LockedCursor(busy=1, error="disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        _use_wal(other, timeout_s=5)
+    assert other.switches == 1
