@@ -49,6 +49,10 @@ def _imagenet_model() -> nn.Module:
     return create_model(None).to(get_device()).eval()
 
 
+# What reading a damaged or half-written cache file raises.
+_UNREADABLE = (OSError, ValueError, KeyError, zipfile.BadZipFile)
+
+
 def _load_cache(path: Path) -> dict[str, np.ndarray]:
     """The cache at `path`; an unreadable one counts as empty and is rebuilt."""
     if not path.exists():
@@ -56,7 +60,7 @@ def _load_cache(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as cache:
             return dict(zip(cache["keys"].tolist(), cache["features"], strict=True))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+    except _UNREADABLE as error:
         logger.warning("ignoring unreadable embedding cache %s: %s", path, error)
         return {}
 
@@ -164,7 +168,7 @@ def _cached_keys(path: Path) -> set[str]:
     try:
         with np.load(path) as cache:
             return set(cache["keys"].tolist())
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except _UNREADABLE:
         return set()
 
 

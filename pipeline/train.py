@@ -322,7 +322,7 @@ def fit_head_on_features(
     config: TrainConfig,
     progress: Progress,
     device: torch.device,
-    ends: tuple[float, float] = (0.35, 0.4),
+    ends: tuple[float, float],
 ) -> None:
     """Phase 1: train the new head alone on the frozen body's cached features.
 
@@ -397,7 +397,7 @@ def _phase_ends(
     """
     if config.unfrozen_epochs:
         return 0.2, 0.25, 0.6
-    if not (config.head_on_features and config.frozen_epochs):
+    if not head_on_cached_features(asdict(config)):
         return 0.35, 0.4, 0.4
     size, pool_views = config.image_size, 2 + config.crop_views
     embed = uncached_view_count(pool, size, config.crop_views)
@@ -438,16 +438,18 @@ def fit(
         _check_cancel(progress)
 
 
+def head_on_cached_features(config: dict) -> bool:
+    """Whether the settings `config` train the head on cached body features."""
+    return bool(config.get("head_on_features")) and config.get("frozen_epochs", 0) > 0
+
+
 def body_trained(config: dict) -> bool:
     """Whether a run with the stored settings `config` changed the ImageNet body.
 
     When it did not (the head trained alone on cached features), the run's
     predictions can come from the body's cached features of each view.
     """
-    head_alone = config.get("head_on_features", False) and (
-        config.get("frozen_epochs", 0) > 0
-    )
-    return config.get("unfrozen_epochs", 0) > 0 or not head_alone
+    return config.get("unfrozen_epochs", 0) > 0 or not head_on_cached_features(config)
 
 
 def predict_views(
@@ -572,7 +574,7 @@ def train_run(
         ).to(device)
 
         # Phase 1 on cached features, when the recipe says so.
-        head_done = config.head_on_features and config.frozen_epochs > 0
+        head_done = head_on_cached_features(asdict(config))
         if head_done:
             fit_head_on_features(
                 model, pool, classes, config, progress, device, ends[:2]
